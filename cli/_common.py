@@ -1,0 +1,56 @@
+"""Shared pieces of the CLI: one-line errors and rich progress."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(stderr=True)
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn :class:`lidcseg.LidcsegError` (and a few OS errors) into one line and exit 2.
+
+    Bugs still raise with a traceback: only errors about the user's input are
+    shortened.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lidcseg.errors import LidcsegError
+
+        try:
+            return fn(*args, **kwargs)
+        except LidcsegError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{where}{e.strerror or e}")
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                _fail(f"{e.filename or ''}: no space left on device")
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(msg: str) -> None:
+    msg = " ".join(str(msg).split())  # exactly one line
+    print(f"error: {msg}", file=sys.stderr)
+    raise typer.Exit(code=2)
+
+
+def parse_csv(value: str | None) -> list[str] | None:
+    """Split ``a,b,c`` into a list; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]

@@ -1,0 +1,100 @@
+"""``lidcseg import``: convert the public preprocessed LIDC releases into our crop format.
+
+So that results can be compared with published numbers on the same data (LIDCv1 for the
+Prob. U-Net / PHiSeg / SSN line, LIDCv2 for the HPU-Net). See :mod:`lidcseg.data.releases`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from lidcseg_cli._common import console, one_line_errors
+
+if TYPE_CHECKING:
+    from lidcseg.data.releases import ImportSummary
+
+app = typer.Typer(
+    help="Convert a public preprocessed LIDC release (LIDCv1 pickle, LIDCv2 PNG crops) into "
+    "DATA/{train,val,test}.h5 + manifest.json.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_OUT = typer.Option(..., "--out", "-o", help="Data folder to write (train/val/test.h5, manifest.json).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace a data set already in --out.")
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr, fed by the library's ``progress(stage, done, total)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,  # no stray lines in pipes
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _report(summary: ImportSummary) -> None:
+    """Print one line per split written, then where the manifest is."""
+    from lidcseg.data.releases import SPLITS
+
+    m = summary.manifest
+    for split in SPLITS:
+        if split in m["splits"]:
+            s = m["splits"][split]
+            typer.echo(f"{split:5s} {s['crops']:6d} crops  {s['patients']:4d} patients  {summary.out / s['file']}")
+    typer.echo(f"intensity {m['intensity']} (image / {m['intensity_scale']:g} is the release's [0, 1] image)")
+    typer.echo(f"wrote {summary.out / 'manifest.json'}")
+
+
+@app.command("pytorch-pickle")
+@one_line_errors
+def pytorch_pickle(
+    file: Path = typer.Argument(..., help="The PyTorch port's data_lidc.pickle (LIDCv1, 128x128)."),
+    out: Path = _OUT,
+    seed: int = typer.Option(0, "--seed", help="Seed of the patient split (722/144/144 proportions)."),
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Import the LIDCv1 pickle, split by patient with a seeded split.
+
+    The pickle is read without running its code: only numpy arrays in plain containers load.
+    """
+    from lidcseg.data.releases import import_pytorch_pickle
+
+    with _progress() as progress:
+        summary = import_pytorch_pickle(file, out, seed=seed, overwrite=overwrite, progress=progress)
+    _report(summary)
+
+
+@app.command("hpunet-png")
+@one_line_errors
+def hpunet_png(
+    folder: Path = typer.Argument(
+        ..., help="Folder with the unpacked HPU-Net LIDC crops (LIDCv2, 180x180): "
+        "<split>/images/<patient>/*.png and <split>/gt/<patient>/*_l<grader>.png."
+    ),
+    out: Path = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Import the LIDCv2 PNG crops, keeping the release's own train/val/test split."""
+    from lidcseg.data.releases import import_hpunet_png
+
+    with _progress() as progress:
+        summary = import_hpunet_png(folder, out, overwrite=overwrite, progress=progress)
+    _report(summary)

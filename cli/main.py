@@ -1,0 +1,45 @@
+"""``lidcseg``: the command-line entry point.
+
+Torch is never imported at start-up: ``lidcseg prepare`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lidcseg_cli import import_cmd, phantom, prepare
+
+app = typer.Typer(
+    name="lidcseg",
+    help="Ambiguous lung-lesion segmentation on LIDC-IDRI with the Probabilistic U-Net "
+    "(Kohl et al., NeurIPS 2018).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lidcseg import __version__
+
+        typer.echo(f"lidcseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Ambiguous lung-lesion segmentation on LIDC-IDRI."""
+
+
+app.command("phantom")(phantom.phantom)
+app.command("prepare")(prepare.prepare)
+app.add_typer(import_cmd.app, name="import")
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

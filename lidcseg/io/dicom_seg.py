@@ -1,0 +1,174 @@
+"""Hypotheses as one DICOM Segmentation (highdicom, BINARY), one segment per hypothesis.
+
+The SEG references the CT images it was computed on (highdicom's
+``source_images``: the headers of the source series' DICOM files) and copies
+their patient and study attributes, as DICOM requires. Those copied strings
+come from outside; they are only ever *values* in the SEG, never file names,
+and are made safe for their value representation first: control characters
+and backslashes removed, truncated to the VR's maximum length (LO 64, SH 16,
+PN 64 per component group, CS 16, ...). Type 2 attributes the source lacks
+(Patient's Birth Date, Study ID, ...) are added empty, as the standard allows.
+
+UIDs are derived from the caller's ``uid_parts`` (e.g. the source series UID,
+the checkpoint digest, the seed and the options), so the same inputs give the
+same SeriesInstanceUID and SOPInstanceUID. ContentDate/ContentTime are the
+time of writing, as the standard means them.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidcseg.errors import LidcsegError
+from lidcseg.io.atomic import atomic_path
+
+#: Maximum value length (characters) per string VR (DICOM PS3.5 Table 6.2-1).
+VR_MAX_LENGTH: dict[str, int] = {
+    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64,
+    "LT": 10240, "PN": 64, "SH": 16, "ST": 1024, "TM": 14, "UC": 1024, "UI": 64,
+}
+#: Type 2 attributes of the patient and study modules highdicom copies from the source.
+TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def sanitize_text(value: Any, vr: str) -> str:
+    """A string safe for ``vr``: no control characters or backslashes, at most the VR's length.
+
+    ``PN`` keeps its ``^`` and ``=`` separators and limits each component group to 64.
+    """
+    text = _CONTROL.sub(" ", str(value)).strip()
+    if vr == "PN":
+        return "=".join(g[:64].rstrip() for g in text.split("=")[:3])
+    if vr == "CS":
+        text = re.sub(r"[^A-Z0-9 _]", "_", text.upper())
+    limit = VR_MAX_LENGTH.get(vr)
+    return text[:limit].rstrip() if limit else text
+
+
+def _sanitize_dataset(ds: Any) -> None:
+    """Make every top-level single-valued text element of ``ds`` safe for its VR, in place."""
+    for elem in ds:
+        if elem.VR in ("SQ", "UI") or elem.VR not in VR_MAX_LENGTH or elem.value is None:
+            continue
+        if elem.VM > 1 or elem.value == "":
+            continue
+        if elem.VR == "DA" and not _DATE.match(str(elem.value)):
+            elem.value = ""
+        elif elem.VR == "TM" and not _TIME.match(str(elem.value)):
+            elem.value = ""
+        elif elem.VR in ("LO", "SH", "PN", "CS", "LT", "ST", "UC"):
+            elem.value = sanitize_text(elem.value, elem.VR)
+
+
+def read_source_headers(files: Sequence[Path]) -> list[Any]:
+    """The headers (no pixel data) of ``files``, made fit to be SEG source images.
+
+    Missing Type 2 patient/study attributes are added empty; copied strings are
+    sanitised (module docstring).
+    """
+    import pydicom
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the very values we sanitise
+        for path in files:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as e:
+                raise LidcsegError(f"not a readable DICOM file ({type(e).__name__})", path) from None
+            for kw in TYPE2_COPIED:
+                if kw not in ds or ds[kw].value is None:
+                    setattr(ds, kw, "")
+            _sanitize_dataset(ds)
+            out.append(ds)
+    return out
+
+
+def uid_from(*parts: object) -> str:
+    """A deterministic DICOM UID from ``parts`` (pydicom's root and a hash of the parts)."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def write_hypotheses_seg(
+    path: str | Path,
+    source_files: Sequence[Path],
+    masks: np.ndarray,
+    *,
+    uid_parts: Sequence[object],
+    algorithm_name: str,
+    algorithm_version: str,
+    description: str = "",
+) -> None:
+    """Write ``n`` hypotheses as one BINARY DICOM SEG with one segment per hypothesis.
+
+    Args:
+        path: the output file (written atomically).
+        source_files: the ``F`` CT images the frames belong to (one frame each).
+        masks: ``(F, R, C, n)`` bool, frame ``f`` on ``source_files[f]``'s pixel grid
+            (row, column as in its Pixel Data).
+        uid_parts: what the SEG's UIDs are derived from (the same parts, the same UIDs).
+        algorithm_name, algorithm_version: the Algorithm Identification (e.g. ``lidcseg probunet``).
+        description: SeriesDescription (sanitised and truncated to 64 characters).
+
+    Raises:
+        LidcsegError: an unreadable source file; ValueError: masks of the wrong shape.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if masks.ndim != 4 or masks.shape[0] != len(source_files):
+        raise ValueError(f"masks must be (F, R, C, n) with F = {len(source_files)}, got {masks.shape}")
+    sources = read_source_headers(source_files)
+    n = masks.shape[3]
+    algo = hd.AlgorithmIdentificationSequence(
+        name=sanitize_text(algorithm_name, "LO"),
+        version=sanitize_text(algorithm_version, "LO"),
+        family=codes.DCM.ArtificialIntelligence,
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=f"hypothesis {i + 1}",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Nodule,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+        )
+        for i in range(n)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-component PatientName, all-empty frames
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=np.ascontiguousarray(masks, dtype=bool),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=uid_from("series", *uid_parts),
+            series_number=900,
+            sop_instance_uid=uid_from("sop", *uid_parts),
+            instance_number=1,
+            manufacturer="lidcseg",
+            manufacturer_model_name=sanitize_text(algorithm_name, "LO"),
+            software_versions=sanitize_text(algorithm_version, "LO"),
+            device_serial_number="0",
+            series_description=sanitize_text(description, "LO"),
+            content_label="HYPOTHESES",
+            content_description=sanitize_text(f"{n} segmentation hypotheses", "LO"),
+        )
+    _sanitize_dataset(seg)
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)

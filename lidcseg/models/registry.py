@@ -1,0 +1,233 @@
+"""The harness interface every model implements, ``create_model(cfg)`` and ``model_config(name)``.
+
+Every model (the Probabilistic U-Net, its ablations of Appendix D, and the
+baselines of the paper's Fig. 2: Dropout U-Net, U-Net ensemble, M-Heads,
+Image2Image VAE) is an ``nn.Module`` subclass of :class:`SegmentationModel`:
+
+- ``__init__(cfg: ModelConfig)`` and the attribute ``config`` (what a
+  checkpoint stores to rebuild the model);
+- ``loss(x, y, ignore=None, generator=None) -> dict[str, Tensor]`` for
+  training, with at least the key ``loss`` (a scalar to back-propagate) and
+  ``rec`` (the cross-entropy part); latent models add ``kl`` and ``kl_per_dim``.
+  ``generator`` seeds the loss's own noise (posterior sample, dropout masks);
+- ``sample(x, n, generator=None, eps=None) -> (B, n, C, H, W)`` logits of ``n``
+  hypotheses per image, computed without gradients.
+
+Shapes: ``x`` (B, C_in, H, W) float; ``y`` (B, H, W) int64 class labels;
+``ignore`` (B, H, W) bool, True where a pixel is excluded from the loss.
+
+Model names: each is a class plus the ``ModelConfig`` options the name
+*implies* (always applied by :func:`create_model`: ``fixed-prior`` is the
+Prob. U-Net with ``prior="fixed"``) and the name's own *defaults* (applied by
+:func:`model_config`, overridable: ``i2i-vae`` defaults to beta = 10 and
+N = 3, the paper's best Image2Image VAE). Build the config of a named model
+with ``model_config(name, base)``; :data:`MODEL_SPECS` lists them all.
+
+Models are registered as ``"module:Class"`` strings and imported on demand,
+so model modules may import this one.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lidcseg.config import ModelConfig
+from lidcseg.errors import LidcsegError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model name.
+
+    Attributes:
+        target: ``"module:Class"`` of the model.
+        summary: one line: what the model is, with the paper's figure.
+        implies: ModelConfig fields the name fixes (applied by :func:`create_model`).
+        defaults: ModelConfig fields the name changes by default (applied by
+            :func:`model_config`; a later override wins).
+    """
+
+    target: str
+    summary: str
+    implies: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+_PROB_UNET = "lidcseg.models.prob_unet:ProbUNet"
+_ENSEMBLE = "lidcseg.models.ensemble:UNetEnsemble"
+
+#: Every model name of the harness (``ModelConfig.name``, ``lidcseg train --model``).
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "probunet": ModelSpec(_PROB_UNET, "Probabilistic U-Net (Fig. 1, Eq. 1-4)"),
+    "fixed-prior": ModelSpec(
+        _PROB_UNET, "Prob. U-Net with a fixed N(0, I) prior (Appendix D)", {"prior": "fixed"}
+    ),
+    "fixed-prior-no-context": ModelSpec(
+        _PROB_UNET,
+        "fixed N(0, I) prior and a posterior Q(z|Y) that sees the mask only (Appendix D)",
+        {"prior": "fixed", "posterior_context": False},
+    ),
+    "early-injection": ModelSpec(
+        _PROB_UNET, "Prob. U-Net with z concatenated to the input image (Appendix D)",
+        {"injection": "early"},
+    ),
+    "dropout-unet": ModelSpec(
+        "lidcseg.models.dropout_unet:DropoutUNet",
+        "U-Net with dropout (p = 0.5) in its 3 innermost encoder/decoder blocks (Fig. 2a)",
+    ),
+    "unet": ModelSpec(_ENSEMBLE, "deterministic U-Net: a 1-member unet-ensemble", {"ensemble_size": 1}),
+    "unet-ensemble": ModelSpec(_ENSEMBLE, "M independently initialised U-Nets (Fig. 2b)"),
+    "m-heads": ModelSpec(
+        "lidcseg.models.m_heads:MHeadsUNet", "one U-Net with M output heads (Fig. 2c)"
+    ),
+    "i2i-vae": ModelSpec(
+        "lidcseg.models.i2i_vae:Image2ImageVAE",
+        "Image2Image VAE: fixed prior, posterior Q(z|Y), z at the input (Fig. 2d)",
+        {"prior": "fixed", "posterior_context": False, "injection": "early"},
+        {"beta": 10.0, "latent_dim": 3},
+    ),
+}
+
+#: Valid values of ``ModelConfig.name``.
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_SPECS)
+
+
+class SegmentationModel(nn.Module, abc.ABC):
+    """Base class of every model in the harness (see the module docstring)."""
+
+    config: ModelConfig
+
+    @property
+    def max_samples(self) -> int | None:
+        """Most hypotheses ``sample`` gives per image (ensemble members, heads); None: any number."""
+        return None
+
+    @abc.abstractmethod
+    def loss(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ignore: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training loss of a batch.
+
+        Args:
+            x: (B, C_in, H, W) images.
+            y: (B, H, W) int64 labels in [0, C).
+            ignore: (B, H, W) bool, True for pixels left out of the loss, or None.
+            generator: RNG of the loss's own noise (None: torch's global RNG).
+
+        Returns:
+            A dict with at least ``loss`` (scalar, differentiable) and ``rec``.
+        """
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        x: torch.Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``n`` segmentation hypotheses per image, as logits (B, n, C, H, W), without gradients.
+
+        ``eps`` (B, n, N), when given, is the standard-normal noise of the
+        hypotheses instead of a fresh draw: hypothesis k of every image then
+        uses the same noise (``lidcseg sample`` shares it across a lesion's
+        slices). Models without a latent ignore it.
+        """
+
+
+def check_labels(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse labels that are not (B, H, W) int64 matching images (B, C_in, H, W).
+
+    Raises:
+        ValueError: naming both shapes (or the dtype).
+    """
+    if y.ndim != 3 or y.shape[0] != x.shape[0] or y.shape[1:] != x.shape[2:]:
+        raise ValueError(
+            f"labels must be (B, H, W) matching images {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
+    if y.dtype != torch.long:
+        raise ValueError(f"labels must be int64, got {y.dtype}")
+
+
+def check_sample_count(n: int, available: int, name: str, what: str) -> None:
+    """Refuse ``n`` hypotheses from a model that has only ``available`` (members, heads).
+
+    Raises:
+        ValueError: n < 1.
+        LidcsegError: n > available, naming the model and how to get more.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > available:
+        raise LidcsegError(
+            f"model {name!r} gives at most {available} hypotheses (one per {what}), "
+            f"{n} were asked for; train it with more {what}s"
+        )
+
+
+def _spec(name: str) -> ModelSpec:
+    spec = MODEL_SPECS.get(name)
+    if spec is None:
+        raise LidcsegError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return spec
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the options its name implies (``fixed-prior``: ``prior="fixed"``).
+
+    Raises:
+        LidcsegError: the name is unknown; the message lists the valid names.
+    """
+    implies = _spec(cfg.name).implies
+    if all(getattr(cfg, k) == v for k, v in implies.items()):
+        return cfg
+    return dataclasses.replace(cfg, **implies)
+
+
+def model_config(name: str, base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+    """The config of the model ``name``: ``base`` (default ``ModelConfig()``) with the
+    name, the options it implies, its own defaults, then ``overrides``.
+
+    ``model_config("i2i-vae", preset_cfg)`` keeps the preset's architecture
+    (channels, scales) and sets beta = 10, N = 3 and the Image2Image VAE's options.
+
+    Raises:
+        LidcsegError: the name is unknown, or an override contradicts what the name implies.
+    """
+    spec = _spec(name)
+    clash = {k: v for k, v in overrides.items() if k in spec.implies and spec.implies[k] != v}
+    if clash:
+        raise LidcsegError(
+            f"model {name!r} implies {', '.join(f'{k}={spec.implies[k]!r}' for k in clash)}"
+        )
+    cfg = dataclasses.replace(base or ModelConfig(), **{"name": name, **spec.defaults, **overrides})
+    return resolve_config(cfg)
+
+
+def create_model(cfg: ModelConfig) -> SegmentationModel:
+    """Build the model named by ``cfg.name``, freshly initialised.
+
+    The options the name implies are applied first (:func:`resolve_config`), so
+    ``model.config`` may differ from ``cfg`` in those fields only. Initialisation
+    draws from torch's global RNG: seed it with
+    :func:`lidcseg.seed.seed_everything` for a reproducible model.
+
+    Raises:
+        LidcsegError: the name is unknown; the message lists the valid names.
+    """
+    cfg = resolve_config(cfg)
+    module_name, class_name = _spec(cfg.name).target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(cfg)

@@ -1,0 +1,220 @@
+"""Figures of ``lidcseg calibration`` (the flip task, Kohl et al. 2018, Section 4.2, Appendix C).
+
+- :func:`plot_ged`: GED (Eq. 7) against the number of samples, with the paper's Table 2.
+- :func:`plot_mode_frequencies`: predicted against true frequency of the 32 modes (Fig. 5):
+  a log-log scatter with the bisector, and the modes as bars sorted by probability.
+- :func:`plot_pixel_marginals`: p(twin | original class) per switchable class against the truth.
+- :func:`plot_flip_examples`: scenes, their labels, samples and the maps of p(twin) (Figs. 8-10).
+
+matplotlib's Agg canvas only (no pyplot state); files are written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidcseg.flips import CLASS_COLORS, IGNORE_INDEX, NUM_MODES, SWITCHES, mode_flips
+from lidcseg.reports.plots import _colors, _figure, save_png
+
+#: One letter per switch for compact mode names (S = sidewalk, P = person, C = car,
+#: V = vegetation, R = road).
+SWITCH_LETTERS: tuple[str, ...] = ("S", "P", "C", "V", "R")
+#: Where zero frequencies are drawn on log axes.
+LOG_FLOOR = 1e-3
+
+
+def mode_code(k: int) -> str:
+    """Compact name of mode k: the letters of the flipped classes, ``-`` for none."""
+    return "".join(c for c, b in zip(SWITCH_LETTERS, mode_flips()[k], strict=True) if b) or "-"
+
+
+def plot_ged(
+    counts: Sequence[int],
+    means: Mapping[str, Sequence[float]],
+    sems: Mapping[str, Sequence[float]],
+    paper: Mapping[int, float],
+    path: str | Path,
+) -> Path:
+    """GED (Eq. 7) against the number of samples per model, with the paper's Table 2 dashed."""
+    fig = _figure(6.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = _colors(max(len(means), 1))
+    for (label, m), color in zip(means.items(), colors, strict=False):
+        ax.errorbar(counts, m, yerr=sems.get(label), marker="o", capsize=3, color=color, label=label)
+    ref = sorted(paper.items())
+    ax.plot([k for k, _ in ref], [v for _, v in ref], "k--", marker="s", label="paper Prob. U-Net (Table 2)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(counts) | set(paper))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("samples per scene")
+    ax.set_ylabel("D²_GED against the 32-mode mixture")
+    ax.set_title("GED (Eq. 7) on the flip task")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_mode_frequencies(
+    truth: np.ndarray,
+    freqs: Mapping[str, np.ndarray],
+    stats: Mapping[str, tuple[float, float]],
+    path: str | Path,
+) -> Path:
+    """Predicted vs true frequency of the 32 modes (Fig. 5).
+
+    Left: log-log scatter with the bisector (zero frequencies drawn at
+    :data:`LOG_FLOOR`, hollow). Right: bars per mode, sorted by true
+    probability, the truth as black ticks.
+
+    Args:
+        truth: (32,) mode probabilities.
+        freqs: model label -> (32,) predicted frequencies.
+        stats: model label -> (Pearson r, mean absolute error).
+    """
+    fig = _figure(15.0, 5.2)
+    ax = fig.add_subplot(1, 2, 1)
+    ax2 = fig.add_subplot(1, 2, 2)
+    colors = _colors(max(len(freqs), 1))
+    top = max([float(np.nanmax(f)) for f in freqs.values() if np.size(f)] + [float(truth.max())])
+    lo, hi = LOG_FLOOR * 0.7, min(1.0, max(0.2, 1.3 * top))
+    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", label="bisector (perfect calibration)")
+    order = np.argsort(-truth, kind="stable")
+    width = 0.8 / max(len(freqs), 1)
+    x = np.arange(NUM_MODES)
+    for j, ((label, f), color) in enumerate(zip(freqs.items(), colors, strict=False)):
+        f = np.asarray(f, dtype=float)
+        r, mae = stats.get(label, (float("nan"), float("nan")))
+        zero = ~(f > 0)
+        ax.scatter(truth[~zero], f[~zero], color=color, s=28, label=f"{label}: r = {r:.3f}, MAE = {mae:.4f}")
+        if zero.any():
+            ax.scatter(truth[zero], np.full(int(zero.sum()), LOG_FLOOR), facecolors="none",
+                       edgecolors=color, s=28)
+        ax2.bar(x + (j - (len(freqs) - 1) / 2) * width, np.maximum(f[order], LOG_FLOOR), width,
+                color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("true mode probability")
+    ax.set_ylabel("predicted mode frequency (hollow: 0)")
+    ax.set_title("Mode-wise frequencies: 32 modes")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left")
+
+    ax2.scatter(x, truth[order], marker="_", s=200, color="k", zorder=3, label="true probability")
+    ax2.set_yscale("log")
+    ax2.set_ylim(lo, hi)
+    ax2.set_xticks(x, [mode_code(int(k)) for k in order], rotation=90, fontsize=7)
+    ax2.set_xlim(-0.6, NUM_MODES - 0.4)
+    ax2.set_xlabel("mode (flipped classes: S sidewalk, P person, C car, V vegetation, R road)")
+    ax2.set_ylabel("frequency (bars at the floor: 0)")
+    ax2.set_title("Modes sorted by true probability")
+    ax2.grid(alpha=0.3, axis="y", which="both")
+    ax2.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_pixel_marginals(
+    names: Sequence[str], truth: np.ndarray, predicted: Mapping[str, np.ndarray], path: str | Path
+) -> Path:
+    """p(twin | original class) per switchable class: bars per model, the truth as black lines."""
+    fig = _figure(8.0, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(names))
+    width = 0.8 / max(len(predicted), 1)
+    colors = _colors(max(len(predicted), 1))
+    for j, ((label, p), color) in enumerate(zip(predicted.items(), colors, strict=False)):
+        ax.bar(x + (j - (len(predicted) - 1) / 2) * width, p, width, color=color, label=label)
+    for i, t in enumerate(truth):
+        ax.plot([i - 0.45, i + 0.45], [t, t], color="k", lw=2, label="truth" if i == 0 else None)
+    ax.set_xticks(x, [f"{n}\n→ {n} 2\n(truth {t:.3f})" for n, t in zip(names, truth, strict=True)],
+                  fontsize=9)
+    ax.set_ylim(0, max(0.6, float(np.nanmax([np.nanmax(p) for p in predicted.values()] + [0])) + 0.05))
+    ax.set_ylabel("p(flipped class | original class)")
+    ax.set_title("Pixel-wise marginals: share of each class's pixels sampled as its twin")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def colorize(label: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) trainIds 0..23 -> (H, W, 3) float RGB; ignored pixels and 255 black."""
+    palette = np.zeros((256, 3))
+    palette[: len(CLASS_COLORS)] = np.asarray(CLASS_COLORS) / 255.0
+    rgb = palette[np.clip(label, 0, 255).astype(np.int64)]
+    mask = label == IGNORE_INDEX if ignore is None else ignore | (label == IGNORE_INDEX)
+    rgb[mask] = 0.0
+    return rgb
+
+
+def twin_maps(label: np.ndarray, ignore: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
+    """p(twin) per pixel of the switchable classes: the truth, or the share of samples; NaN elsewhere.
+
+    Args:
+        label: (H, W) un-flipped trainIds; ignore: (H, W) bool.
+        samples: (n, H, W) sampled label maps, or None for the true map.
+    """
+    out = np.full(label.shape, np.nan)
+    for sw in SWITCHES:
+        region = (label == sw.original) & ~ignore
+        if samples is None:
+            out[region] = sw.probability
+        else:
+            out[region] = (samples[:, region] == sw.flipped).mean(0)
+    return out
+
+
+def plot_flip_examples(examples: Any, path: str | Path, n_show: int = 2, max_runs: int = 3) -> Path:
+    """Scenes with label, true p(twin), and per model ``n_show`` samples and the sampled p(twin).
+
+    Args:
+        examples: :class:`lidcseg.calibration.Examples`.
+        n_show: samples shown per model.
+        max_runs: models shown at most (the first ones).
+    """
+    from matplotlib import colormaps
+
+    runs = list(examples.samples.items())[:max_runs]
+    n_rows = len(examples.rows)
+    n_cols = 3 + len(runs) * (n_show + 1)
+    h, w = examples.labels.shape[1:]
+    panel = 2.0  # inches per panel's width
+    fig = _figure(panel * n_cols + 0.6, (panel * h / w + 0.3) * n_rows + 0.6)
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
+    im = None
+    for r in range(n_rows):
+        label, ign = examples.labels[r], examples.ignore[r]
+        panels: list[tuple[str, Any, dict[str, Any]]] = [
+            ("image", examples.images[r].transpose(1, 2, 0), {}),
+            ("label (un-flipped)", colorize(label, ign), {}),
+            ("true p(twin)", twin_maps(label, ign, None), {"cmap": cmap, "vmin": 0, "vmax": 1}),
+        ]
+        for name, s in runs:
+            for j in range(min(n_show, s.shape[1])):
+                panels.append((f"{name}: sample {j + 1}", colorize(s[r, j], ign), {}))
+            panels.append((f"{name}: p(twin)", twin_maps(label, ign, s[r]),
+                           {"cmap": cmap, "vmin": 0, "vmax": 1}))
+        for c, (title, data, kw) in enumerate(panels):
+            ax = fig.add_subplot(n_rows, n_cols, r * n_cols + c + 1)
+            shown = ax.imshow(data, interpolation="nearest", **kw)
+            if kw:
+                im = shown
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"row {examples.rows[r]}", fontsize=7)
+    fig.suptitle("Flip task: samples and p(flipped class) per pixel (grey: not switchable)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.97, 0.94))
+    if im is not None:
+        cax = fig.add_axes((0.975, 0.1, 0.008, 0.75))
+        fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
+    return save_png(fig, path)

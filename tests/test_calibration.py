@@ -1,0 +1,305 @@
+"""Calibration on the flip task: the distance, Eq. 7 against the exact mixture, mode matching,
+frequencies, marginals, the oracle, and ``lidcseg calibration`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lidcseg.calibration import (
+    CalibrationAccumulator,
+    FlipOracle,
+    calibrate_model,
+    mixture_ged,
+    mixture_ged_terms,
+    mode_distances,
+    mode_self_distances,
+    nearest_modes,
+    pairwise_flip_distance,
+    pearson,
+    switch_counts,
+    validate_flip_task,
+)
+from lidcseg.config import ModelConfig
+from lidcseg.data.scenes import SceneEvalDataset, make_scenes
+from lidcseg.flips import FLIP_PROBS, NUM_CLASSES, mode_labels, mode_probabilities
+from lidcseg.io.checkpoint import save_checkpoint
+from lidcseg.models.registry import create_model
+from lidcseg_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core CI machine two threads spin-wait (see TrainConfig.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _d(a, b, ignore=None) -> float:
+    a = torch.as_tensor(a)[None, None]
+    b = torch.as_tensor(b)[None, None]
+    ign = None if ignore is None else torch.as_tensor(ignore, dtype=torch.bool)[None]
+    return float(pairwise_flip_distance(a, b, ign)[0, 0, 0])
+
+
+# -- the distance ---------------------------------------------------------------------------
+
+
+def test_distance_hand_cases() -> None:
+    road = [[0, 0, 0, 0]]
+    assert _d(road, road) == 0.0
+    assert _d([[0, 0, 2, 2]], [[0, 0, 0, 0]]) == pytest.approx(0.5)  # road IoU 2/4
+    assert _d([[0, 0, 1, 1]], [[0, 1, 1, 1]]) == pytest.approx(1 - (1 / 2 + 2 / 3) / 2)
+    assert _d([[0, 0, 0, 0]], [[23, 23, 23, 23]]) == 1.0  # road vs road 2: both IoU 0
+    # A class absent in both does not count; one present in only one map counts with IoU 0.
+    assert _d([[0, 0, 10, 10]], [[0, 0, 10, 10]]) == 0.0
+    assert _d([[0, 0, 13, 10]], [[0, 0, 10, 10]]) == pytest.approx(0.5)
+    # No switchable class in either map: d = 0, whatever else differs.
+    assert _d([[2, 3, 10, 10]], [[4, 5, 6, 7]]) == 0.0
+    # Non-switchable classes never count.
+    assert _d([[0, 0, 2, 2]], [[0, 0, 3, 3]]) == 0.0
+
+
+def test_distance_ignores_pixels() -> None:
+    a, b = [[0, 0, 13, 13]], [[0, 0, 1, 1]]
+    assert _d(a, b) == pytest.approx(2 / 3)
+    assert _d(a, b, [[False, False, True, True]]) == 0.0
+    # Only ignored pixels carry a switchable class: none present, d = 0.
+    assert _d([[13, 2]], [[1, 2]], [[True, False]]) == 0.0
+
+
+def test_distance_symmetric_and_batched() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 24, (2, 3, 5, 6), generator=g)
+    b = torch.randint(0, 24, (2, 4, 5, 6), generator=g)
+    ign = torch.rand((2, 5, 6), generator=g) < 0.2
+    d = pairwise_flip_distance(a, b, ign)
+    assert d.shape == (2, 3, 4)
+    assert torch.allclose(d.transpose(1, 2), pairwise_flip_distance(b, a, ign))
+    assert torch.allclose(pairwise_flip_distance(a, a, ign).diagonal(dim1=1, dim2=2), torch.zeros(2, 3))
+    assert float(pairwise_flip_distance(a[:1, :1], b[:1, :1], ign[:1])) == pytest.approx(float(d[0, 0, 0]))
+
+
+# -- closed forms vs the pixel-wise definition -------------------------------------------------
+
+
+def _random_case(seed: int, b: int = 3, n: int = 5, h: int = 6, w: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 19, (b, h, w), generator=g)
+    labels[0][labels[0] == 11] = 2  # image 0 has no person
+    labels[1] = 10  # image 1 has no switchable class
+    samples = torch.randint(0, 24, (b, n, h, w), generator=g)
+    ignore = torch.rand((b, h, w), generator=g) < 0.15
+    labels[2, 0, :5] = torch.tensor([1, 11, 13, 8, 0])  # image 2 has every switchable class
+    ignore[2, 0, :5] = False
+    return samples, labels, ignore
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mode_distances_equal_pixelwise(seed: int) -> None:
+    samples, labels, ignore = _random_case(seed)
+    closed = mode_distances(switch_counts(samples, labels, ignore))
+    brute = pairwise_flip_distance(samples, mode_labels(labels), ignore)
+    assert closed.shape == (3, 5, 32)
+    assert torch.allclose(closed, brute, atol=1e-6)
+    yy = mode_self_distances(switch_counts(samples, labels, ignore).region)
+    brute_yy = pairwise_flip_distance(mode_labels(labels), mode_labels(labels), ignore)
+    assert torch.allclose(yy, brute_yy, atol=1e-6)
+    assert float(yy[1].abs().max()) == 0.0  # no switchable class: every mode is the same
+
+
+def test_nearest_mode_of_exact_modes() -> None:
+    _, labels, ignore = _random_case(4)
+    modes = mode_labels(labels)  # (B, 32, H, W)
+    d = mode_distances(switch_counts(modes, labels, ignore))
+    assert torch.equal(nearest_modes(d)[2], torch.arange(32))
+    assert float(d[2].diagonal().abs().max()) == 0.0
+
+
+def test_ged_hand_case_single_switch() -> None:
+    # Only road in the scene: modes are "road" (p = 13/17) and "road 2" (q = 4/17).
+    labels = torch.zeros((1, 2, 2), dtype=torch.long)
+    p, q = 13 / 17, 4 / 17
+    one = mixture_ged(torch.zeros((1, 1, 2, 2), dtype=torch.long), labels)
+    assert float(one.cross) == pytest.approx(q)  # d(road, road 2) = 1
+    assert float(one.modes) == pytest.approx(2 * p * q)
+    assert float(one.samples) == 0.0
+    assert float(one.ged) == pytest.approx(2 * q - 2 * p * q)
+    # Two samples, one of each: E d(S, S') = 1/2 (V-statistic), E d(S, Y) = 1/2.
+    two = torch.stack([torch.zeros((2, 2)), torch.full((2, 2), 23)]).long()[None]
+    t = mixture_ged(two, labels)
+    assert float(t.cross) == pytest.approx(0.5)
+    assert float(t.samples) == pytest.approx(0.5)
+    assert float(t.ged) == pytest.approx(1 - 0.5 - 2 * p * q)
+
+
+def test_ged_terms_against_brute_force_mixture() -> None:
+    samples, labels, ignore = _random_case(7)
+    t = mixture_ged(samples, labels, ignore)
+    w = torch.as_tensor(mode_probabilities(), dtype=torch.float32)
+    modes = mode_labels(labels)
+    d_sy = pairwise_flip_distance(samples, modes, ignore)
+    d_yy = pairwise_flip_distance(modes, modes, ignore)
+    d_ss = pairwise_flip_distance(samples, samples, ignore)
+    cross = (d_sy * w).sum(-1).mean(-1)
+    yy = (d_yy * w[:, None] * w[None]).sum((1, 2))
+    assert torch.allclose(t.ged, 2 * cross - d_ss.mean((1, 2)) - yy, atol=1e-6)
+    # Uniform weights give the plain GED between the samples and the 32 modes.
+    uni = mixture_ged_terms(d_sy, d_ss, d_yy, np.full(32, 1 / 32))
+    assert torch.allclose(uni.cross, d_sy.mean((1, 2)), atol=1e-6)
+
+
+def test_pearson() -> None:
+    assert pearson(np.array([1, 2, 3]), np.array([2, 4, 6])) == pytest.approx(1.0)
+    assert np.isnan(pearson(np.ones(3), np.array([1, 2, 3])))
+
+
+# -- the oracle and the accumulator -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("calib") / "data"
+    make_scenes(out, n_train=4, n_val=4, n_test=48, height=32, width=64, seed=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_split(scenes: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ds = SceneEvalDataset(scenes / "test.h5")
+    images, labels, ignore = (torch.cat(t) for t in zip(*ds.batches(16), strict=True))
+    return images, labels, ignore
+
+
+def test_oracle_is_calibrated(test_split) -> None:
+    images, labels, ignore = test_split
+    oracle = FlipOracle(images, labels)
+    res, kept = calibrate_model(oracle, images, labels, ignore, counts=(1, 4, 16), samples=32,
+                                seed=0, batch_size=16, keep=[0, 5])
+    modes = res["modes"]
+    assert modes["scenes"] == 48 and modes["matched_samples"] == 48 * 32
+    assert modes["pearson_r"] > 0.95
+    assert modes["mae"] < 0.006
+    assert sum(m["frequency"] for m in modes["per_mode"]) == pytest.approx(1.0)
+    for row in res["pixels"]["per_class"]:
+        assert abs(row["p_twin"] - row["truth"]) < 0.05
+        assert row["p_other"] == pytest.approx(0.0, abs=1e-9)  # the oracle never leaves the two
+    # A perfect sampler's GED is only the V-statistic's bias, E d(Y,Y') / n.
+    g1, g16 = res["ged"]["1"], res["ged"]["16"]
+    assert g1["mean"] == pytest.approx(g1["modes"], abs=0.08)
+    assert g16["mean"] == pytest.approx(g16["modes"] / 16, abs=0.02)
+    assert g1["paper"] == 0.874 and g16["paper"] == 0.206
+    assert kept[5].shape == (32, 32, 64)
+
+
+def test_uint8_inputs_give_the_same_result(scenes: Path, test_split) -> None:
+    images, labels, ignore = test_split
+    raw_images, raw_labels = SceneEvalDataset(scenes / "test.h5").arrays()
+    u8, lab8 = torch.from_numpy(raw_images), torch.from_numpy(raw_labels)
+    assert u8.dtype == torch.uint8 and int(lab8.max()) == 255
+    kw = dict(counts=(2,), samples=2, seed=1, batch_size=16)
+    a, _ = calibrate_model(FlipOracle(images, labels), images, labels, ignore, **kw)
+    b, _ = calibrate_model(FlipOracle(u8, lab8), u8, lab8, lab8 == 255, **kw)
+    assert a["per_image_ged"] == b["per_image_ged"]
+    assert a["modes"]["per_mode"] == b["modes"]["per_mode"]
+
+
+def test_miscalibrated_oracle_scores_worse(test_split) -> None:
+    images, labels, ignore = test_split
+    wrong = FlipOracle(images, labels, probs=FLIP_PROBS[::-1].copy())  # road flips most often
+    res, _ = calibrate_model(wrong, images, labels, ignore, counts=(4,), samples=32, seed=0,
+                             batch_size=16)
+    assert res["modes"]["mae"] > 0.01
+    assert res["modes"]["pearson_r"] < 0.8
+    assert abs(res["pixels"]["per_class"][0]["p_twin"] - 4 / 17) < 0.06  # sidewalk got road's p
+
+
+def test_accumulator_counts_only_scenes_with_all_classes() -> None:
+    samples, labels, ignore = _random_case(3, n=4)
+    acc = CalibrationAccumulator(counts=(1, 2), samples=4)
+    acc.update(samples, labels, ignore)
+    res = acc.result()
+    assert res["images"] == 3
+    assert res["modes"]["scenes"] == 1 and res["modes"]["matched_samples"] == 4  # only image 2
+    assert set(res["ged"]) == {"1", "2"}
+    with pytest.raises(ValueError):
+        acc.update(samples[:, :2], labels, ignore)
+
+
+def _tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model(ModelConfig(num_classes=24, in_channels=3, base_channels=4, num_scales=3,
+                                    convs_per_block=1, latent_dim=2))
+
+
+def test_validate_flip_task(scenes: Path) -> None:
+    batches = SceneEvalDataset(scenes / "val.h5").batches(2)
+    out = validate_flip_task(_tiny_model(), batches, 4, generator=torch.Generator().manual_seed(0))
+    for key in ("ged", "diversity", "graders", "cross", "pixels_varying", "mode_r", "mode_mae",
+                "flip_mae", "crops", "samples", "time_s"):
+        assert key in out
+    assert out["crops"] == 4.0 and out["samples"] == 4.0
+    assert out["ged"] == pytest.approx(2 * out["cross"] - out["diversity"] - out["graders"], abs=1e-5)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_cli_calibration_end_to_end(scenes: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tiny-run"
+    model = _tiny_model()
+    save_checkpoint(run / "last", model, meta={"step": 1})
+    save_checkpoint(run / "best", model, meta={"step": 1, "val": {"ged": 1.0}})
+    (run / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["calibration", "--run", str(run), "--data", str(scenes), "--out", str(out),
+                                 "-n", "1,4", "--samples", "4", "--oracle", "--max-images", "6",
+                                 "--examples", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "0.874" in result.output and "tiny-run" in result.output and "oracle" in result.output
+    for name in ("ged.png", "modes.png", "marginals.png", "examples.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = json.loads((out / "calibration.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["tiny-run", "oracle"]
+    assert report["runs"][0]["info"]["checkpoint"].endswith("best")
+    assert set(report["runs"][0]["ged"]) == {"1", "4"}
+    assert len(report["runs"][0]["modes"]["per_mode"]) == 32
+    assert report["data"]["scenes"] == 6
+    md = (out / "calibration.md").read_text()
+    assert "Table 2" in md and "Pearson r" in md and "sidewalk → sidewalk 2" in md
+
+
+def test_cli_calibration_errors(scenes: Path, tmp_path: Path, disc_data: Path) -> None:
+    out = str(tmp_path / "r")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out]), "--run")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(disc_data), "--out", out, "--oracle"]),
+                    "manifest")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--run",
+                                        str(tmp_path / "missing")]), "not found")
+    lidc = tmp_path / "lidc-run"
+    torch.manual_seed(0)
+    save_checkpoint(lidc / "best", create_model(ModelConfig(base_channels=4, num_scales=3,
+                                                            convs_per_block=1, latent_dim=2)))
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--run", str(lidc)]),
+                    f"{NUM_CLASSES}")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--oracle",
+                                        "-n", "0,4"]), "-n")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--oracle",
+                                        "--split", "train2"]), "split")

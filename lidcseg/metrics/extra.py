@@ -16,14 +16,12 @@ with scipy; its input is only (B, n, m) numbers).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from lidcseg.metrics.ged import _self_mean
+from lidcseg.metrics.ged import _self_mean, hungarian_iou_from_matrix
 from lidcseg.metrics.overlap import EMPTY_IOU
 
 #: Per-image values :func:`prefix_metrics` returns for each sample count.
@@ -57,32 +55,6 @@ def joint_iou(
     union = area[:, :, None] + area[:, None, :] - inter
     iou = inter / union.clamp_min(1.0)
     return torch.where(union > 0, iou, torch.full_like(iou, empty_value))
-
-
-def hungarian_iou_from_matrix(ious: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Hungarian-matched IoU from an IoU matrix per image (see :func:`~lidcseg.metrics.hungarian_iou`).
-
-    Both sets are replicated to L = lcm(n, m) members; ``linear_sum_assignment``
-    minimises the total cost 1 - IoU; the result is the mean IoU over the L
-    matched pairs.
-
-    Args:
-        ious: (B, n, m) IoU of samples (rows) against graders (columns).
-
-    Returns:
-        (B,) float64.
-    """
-    if isinstance(ious, torch.Tensor):
-        ious = ious.detach().double().cpu().numpy()
-    n, m = ious.shape[1:]
-    size = math.lcm(n, m)
-    rows, cols = np.arange(size) % n, np.arange(size) % m
-    out = np.empty(ious.shape[0])
-    for i, matrix in enumerate(ious):
-        replicated = matrix[np.ix_(rows, cols)]  # (L, L)
-        r, c = linear_sum_assignment(1.0 - replicated)
-        out[i] = replicated[r, c].mean()
-    return out
 
 
 def prefix_metrics(

@@ -131,7 +131,25 @@ def hungarian_iou(
     Returns:
         (B,) float32 on the device of ``samples``.
     """
-    ious = pairwise_iou(samples, graders, empty_value).double().cpu().numpy()  # (B, n, m)
+    out = hungarian_iou_from_matrix(pairwise_iou(samples, graders, empty_value))  # (B,)
+    return torch.as_tensor(out, dtype=torch.float32, device=samples.device)
+
+
+def hungarian_iou_from_matrix(ious: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Hungarian-matched IoU from an IoU matrix per image (see :func:`~lidcseg.metrics.hungarian_iou`).
+
+    Both sets are replicated to L = lcm(n, m) members; ``linear_sum_assignment``
+    minimises the total cost 1 - IoU; the result is the mean IoU over the L
+    matched pairs.
+
+    Args:
+        ious: (B, n, m) IoU of samples (rows) against graders (columns).
+
+    Returns:
+        (B,) float64.
+    """
+    if isinstance(ious, torch.Tensor):
+        ious = ious.detach().double().cpu().numpy()
     n, m = ious.shape[1:]
     size = math.lcm(n, m)
     rows, cols = np.arange(size) % n, np.arange(size) % m
@@ -140,7 +158,7 @@ def hungarian_iou(
         replicated = matrix[np.ix_(rows, cols)]  # (L, L)
         r, c = linear_sum_assignment(1.0 - replicated)
         out[i] = replicated[r, c].mean()
-    return torch.as_tensor(out, dtype=torch.float32, device=samples.device)
+    return out
 
 
 class DistributionMetric:

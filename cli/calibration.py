@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv
+from lidcseg_cli._common import console, one_line_errors, parse_csv, stage_progress
 
 cityscapes_app = typer.Typer(help="Cityscapes for the flip task (Section 4.2).", no_args_is_help=True)
 scenes_app = typer.Typer(help="Synthetic street scenes for the flip task.", no_args_is_help=True)
-
-
-@contextmanager
-def _progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar fed by the library's ``progress(stage, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task("start", total=1)
-
-    def update(stage: str, done: int, total: int) -> None:
-        progress.update(task, description=stage, completed=done, total=max(total, 1))
-
-    with progress:
-        yield update
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -70,7 +52,7 @@ def cityscapes_prepare(
     from lidcseg.data.cityscapes import prepare_cityscapes
 
     height, width = _size(size)
-    with _progress() as update:
+    with stage_progress() as update:
         manifest = prepare_cityscapes(root, out, height=height, width=width, workers=workers,
                                       overwrite=overwrite, progress=update)
     c = manifest["counts"]
@@ -93,7 +75,7 @@ def scenes_make(
     from lidcseg.data.scenes import make_scenes
 
     height, width = _size(size)
-    with _progress() as update:
+    with stage_progress() as update:
         manifest = make_scenes(out, n_train=n_train, n_val=n_val, n_test=n_test, height=height,
                                width=width, seed=seed, overwrite=overwrite, progress=update)
     c = manifest["counts"]
@@ -123,7 +105,7 @@ def calibration(
     from lidcseg.reports.tables import fmt
 
     counts = _counts(n)
-    with _progress() as update:
+    with stage_progress() as update:
         report = calibrate_runs(data, run or [], out, split=split, counts=counts, samples=samples,
                                 seed=seed, device=device, batch_size=batch_size, max_images=max_images,
                                 oracle=oracle, min_pixels=min_pixels, examples=examples,

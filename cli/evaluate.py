@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv
+from lidcseg_cli._common import console, one_line_errors, parse_csv, stage_progress
 
 RUN_HELP = "A `lidcseg train` run directory (best/, else last/) or a checkpoint folder. Repeatable."
-
-
-@contextmanager
-def _progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar fed by the library's ``progress(stage, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task("start", total=1)
-
-    def update(stage: str, done: int, total: int) -> None:
-        progress.update(task, description=stage, completed=done, total=max(total, 1))
-
-    with progress:
-        yield update
 
 
 def _counts(text: str) -> list[int]:
@@ -61,7 +43,7 @@ def evaluate(
     from lidcseg.reports.tables import fmt
 
     counts = _counts(n)
-    with _progress() as update:
+    with stage_progress() as update:
         ev = evaluate_runs(data, run, split=split, counts=counts, out=out, seed=seed, unbiased=unbiased,
                            device=device, batch_size=batch_size, max_images=max_images,
                            examples=examples, threads=threads, progress=update)
@@ -97,7 +79,7 @@ def ambiguity(
     from lidcseg.ambiguity import ambiguity_runs
     from lidcseg.reports.tables import fmt
 
-    with _progress() as update:
+    with stage_progress() as update:
         info = ambiguity_runs(data, run, out=out, val_split=val_split, test_split=test_split, n=n,
                               min_pixels=min_pixels, criterion=criterion, seed=seed, device=device,
                               batch_size=batch_size, max_images=max_images, threads=threads,
@@ -124,7 +106,7 @@ def latent(
     """Decode a grid of a 2-D latent plane of one crop, with the graders' posterior means (Fig. 6)."""
     from lidcseg.latent import latent_figure
 
-    with _progress() as update:
+    with stage_progress() as update:
         update("decode grid", 0, 1)
         png, g = latent_figure(run, data, index, out, split=split, dims=dims, size=grid, extent=extent,
                                device=device)

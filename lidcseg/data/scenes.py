@@ -46,7 +46,6 @@ ambiguous exactly as on Cityscapes.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lidcseg.data.store import LazyH5
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import (
     CLASS_NAMES,
@@ -146,7 +146,7 @@ class SceneWriter:
         self._atomic.__exit__(*exc)
 
 
-class SceneStore:
+class SceneStore(LazyH5):
     """Random access to one split file (see the module docstring).
 
     The HDF5 handle opens lazily and is reopened after ``fork``, so DataLoader
@@ -171,17 +171,7 @@ class SceneStore:
                 self.attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
         except OSError as e:
             raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
-        self._file: h5py.File | None = None
-        self._pid: int | None = None
-
-    def _h5(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
-
-    def __len__(self) -> int:
-        return self._len
+        self._reset_handle()
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image (3, H, W) uint8, label (H, W) uint8)`` of scene ``i``."""
@@ -200,16 +190,6 @@ class SceneStore:
         f = self._h5()
         return f["image"][...], f["label"][...]
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"] = None
-        state["_pid"] = None
-        return state
 
 
 def protocol_manifest() -> dict[str, Any]:

@@ -27,6 +27,7 @@ Rows in image space: row i runs along +y (posterior), column j along +x
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -187,7 +188,43 @@ def write_crops(
         w.append(batch)
 
 
-class CropStore:
+class LazyH5:
+    """A read-only HDF5 file opened lazily and reopened after ``fork``.
+
+    Subclasses set ``path`` and ``_len`` and call ``_reset_handle()`` in
+    ``__init__``; the store can then be shared by DataLoader workers (it
+    pickles without its handle).
+    """
+
+    path: Path
+    _len: int
+
+    def _reset_handle(self) -> None:
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __len__(self) -> int:
+        return self._len
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+
+class CropStore(LazyH5):
     """Random access to one split file written by :func:`write_crops`.
 
     The HDF5 handle opens lazily on first access and is reopened after
@@ -217,20 +254,8 @@ class CropStore:
                 self.n_graders = int(f.attrs["n_graders"])
         except OSError as e:
             raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
-        self._file: h5py.File | None = None
-        self._pid: int | None = None
+        self._reset_handle()
         self._meta: dict[str, np.ndarray] | None = None
-
-    def _h5(self) -> h5py.File:
-        import os
-
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
-
-    def __len__(self) -> int:
-        return self._len
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(image (S, S) int16 HU, masks (G, S, S) uint8)`` of crop ``i``."""
@@ -256,17 +281,6 @@ class CropStore:
         """Load the whole split into memory (tests and small imports only)."""
         f = self._h5()
         return CropBatch(f["image"][...], f["masks"][...], dict(self.meta))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"] = None
-        state["_pid"] = None
-        return state
 
     def __enter__(self) -> CropStore:
         return self

@@ -8,7 +8,7 @@ DEMO ?= demo
 DEMO_SCAN ?= LIDC-IDRI-0061
 DEMO_PATIENTS ?= LIDC-IDRI-0061,LIDC-IDRI-0045,LIDC-IDRI-0751,LIDC-IDRI-0049,LIDC-IDRI-0012,LIDC-IDRI-0855,LIDC-IDRI-0124,LIDC-IDRI-0195,LIDC-IDRI-0139,LIDC-IDRI-0368
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo flip-demo test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: venv
 	$(LIDCSEG) evaluate --data $(DEMO)/data --split test --run $(DEMO)/runs/probunet --run $(DEMO)/runs/m-heads \
 		-n 1,4,8,16 --out $(DEMO)/report
 	@echo "demo: crops in $(DEMO)/data, runs in $(DEMO)/runs, hypotheses in $(DEMO)/sample, report in $(DEMO)/report/summary.md"
+
+# The class-flip calibration experiment (Section 4.2) on synthetic scenes: a Prob. U-Net and a
+# Dropout U-Net baseline trained side by side with cpu-quick (about 12 minutes on 2 cores), then
+# `lidcseg calibration --oracle`: report in demo/flip/report.
+flip-demo: venv
+	$(PY) benchmarks/flip_calibration.py --work $(DEMO)/flip --out $(DEMO)/flip/flip_calibration.json
 
 test: venv
 	$(PY) -m pytest

@@ -67,7 +67,7 @@ def scenes_make(
     n_train: int = typer.Option(400, "--n-train", min=1, help="Training scenes."),
     n_val: int = typer.Option(50, "--n-val", min=1, help="Validation scenes."),
     n_test: int = typer.Option(100, "--n-test", min=1, help="Test scenes."),
-    size: str = typer.Option("64x128", "--size", help="HEIGHTxWIDTH, multiples of 16."),
+    size: str = typer.Option("32x64", "--size", help="HEIGHTxWIDTH, multiples of 16 (Cityscapes: 256x512)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the scenes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing data folder."),
 ) -> None:
@@ -96,6 +96,7 @@ def calibration(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the latent noise (the same for every run)."),
     max_images: int = typer.Option(None, "--max-images", min=1, help="At most this many scenes, evenly spaced."),
     examples: int = typer.Option(3, "--examples", min=0, help="Scenes in examples.png (0: none)."),
+    posterior_scenes: int = typer.Option(20, "--posterior-scenes", min=0, help="Scenes for the check of which flips a Prob. U-Net's posterior encodes (0: skip)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per model call."),
     threads: int = typer.Option(0, "--threads", min=0, help="Torch CPU threads (0: torch's default)."),
@@ -109,13 +110,16 @@ def calibration(
         report = calibrate_runs(data, run or [], out, split=split, counts=counts, samples=samples,
                                 seed=seed, device=device, batch_size=batch_size, max_images=max_images,
                                 oracle=oracle, min_pixels=min_pixels, examples=examples,
-                                threads=threads, progress=update)
+                                posterior_scenes=posterior_scenes, threads=threads, progress=update)
     shown = sorted(set(counts))
     console.print("GED (Eq. 7) at " + " / ".join(str(c) for c in shown) + " samples:")
     for r in report["runs"]:
         console.print(f"  {r['label']}: " + " / ".join(fmt(r["ged"][str(c)]["mean"]) for c in shown)
                       + f"  | modes r {fmt(r['modes']['pearson_r'])}, MAE {fmt(r['modes']['mae'], 4)}"
                       + f" | pixel marginals MAE {fmt(r['pixels']['mae'], 4)}")
+        if r.get("posterior"):
+            acc = ", ".join(f"{p['class']} {fmt(p['accuracy'], 2)}" for p in r["posterior"]["per_switch"])
+            console.print(f"    posterior encodes: {acc}")
     console.print("  paper Prob. U-Net (Table 2): "
                   + " / ".join(fmt(PAPER_GED[c]) if c in PAPER_GED else "-" for c in shown))
     console.print(f"wrote {out}/calibration.md, calibration.json, ged.png, modes.png, marginals.png"

@@ -12,13 +12,14 @@ from lidcseg_cli._common import console, one_line_errors
 
 @one_line_errors
 def train(
-    data: Path = typer.Option(..., "--data", help="Folder with train.h5 and val.h5 from `lidcseg prepare`."),
+    data: Path = typer.Option(..., "--data", help="Folder with train.h5 and val.h5 from `lidcseg prepare` (or `lidcseg scenes make`)."),
     out: Path = typer.Option(..., "--out", help="Run directory: config, metrics.jsonl, last/ and best/."),
     model: str = typer.Option(None, "--model", help="Model name (default: the preset's, probunet)."),
     preset: str = typer.Option(
         None, "--preset",
-        help="paper (the paper's LIDC setting) or cpu-quick (minutes on a CPU). "
-        "Default: paper, or the run's own config with --resume.",
+        help="paper (the paper's setting) or cpu-quick (minutes on a CPU); on flip-task "
+        "scenes these are cityscapes and scenes-quick. Default: paper, or the run's own "
+        "config with --resume.",
     ),
     config: Path = typer.Option(
         None, "--config", help='JSON {"model": {...}, "train": {...}} applied over the preset.'
@@ -56,7 +57,9 @@ def train(
     if resume and preset is None and config is None:
         model_cfg, train_cfg = load_run_config(out)
     else:
-        model_cfg, train_cfg = get_preset(preset or "paper")
+        from lidcseg.data.scenes import TASK, is_scene_data
+
+        model_cfg, train_cfg = get_preset(preset or "paper", task=TASK if is_scene_data(data) else "lidc")
     if model is not None:
         # The name's own options and defaults (i2i-vae: beta 10, N = 3), before --config and --set.
         model_cfg = model_config(model, model_cfg)

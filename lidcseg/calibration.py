@@ -410,6 +410,69 @@ def summarise_pixels(pixels: np.ndarray) -> dict[str, Any]:
     return {"per_class": rows, "mae": float(np.mean(errs)) if errs else math.nan}
 
 
+def posterior_switch_accuracy(
+    model: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ignore: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    min_pixels: int = 1,
+) -> dict[str, Any]:
+    """Which flips the posterior net encodes: a diagnosis of miscalibrated modes.
+
+    For every scene and every one of the 32 modes Y_k, the posterior-mean
+    reconstruction S(X, mu_post(X, Y_k)) (``model.reconstruct``) is compared with
+    Y_k switch by switch: switch i is *right* when more of its region R_i is
+    labelled with Y_k's class for it (original or twin) than with the other one.
+    A switch at 0.5 is not encoded at all: the decoder answers the same whatever
+    the posterior saw, so the prior's samples cannot get its frequency right
+    either. Only switches present with at least ``min_pixels`` pixels count.
+
+    Args:
+        model: with ``reconstruct(x, y, ignore) -> (B, C, H, W)`` logits.
+        images: (N, 3, H, W) uint8 RGB or normalised float; labels (N, H, W)
+            un-flipped trainIds; ignore (N, H, W) bool.
+
+    Returns:
+        ``{"per_switch": [{"class", "accuracy", "cases"}], "all_right": share of
+        (scene, mode) pairs with every present switch right, "cases": pairs}``.
+    """
+    from lidcseg.data.scenes import normalize_rgb
+
+    labels = labels.masked_fill(ignore, 0).to(torch.int64)
+    check_unflipped(labels, "labels")
+    bits = torch.as_tensor(mode_flips())  # (32, 5)
+    right = torch.zeros(NUM_SWITCHES, dtype=torch.float64)
+    cases = torch.zeros(NUM_SWITCHES, dtype=torch.float64)
+    all_right, pairs = 0.0, 0
+    if hasattr(model, "eval"):
+        model.eval()
+    with torch.no_grad():
+        for s in range(0, labels.shape[0], batch_size):
+            x = images[s : s + batch_size]
+            x = (normalize_rgb(x) if x.dtype == torch.uint8 else x).to(device)
+            lab, ign = labels[s : s + batch_size], ignore[s : s + batch_size]
+            modes = mode_labels(lab)  # (b, 32, H, W)
+            for k in range(NUM_MODES):
+                rec = model.reconstruct(x, modes[:, k].to(device), ign.to(device)).argmax(1).cpu()
+                c = switch_counts(rec[:, None], lab, ign)
+                present = c.region >= max(1, min_pixels)  # (b, 5)
+                said_twin = c.hit_twin[:, 0] > c.hit_original[:, 0]
+                ok = (said_twin == bits[k][None]) & present
+                right += ok.sum(0).double()
+                cases += present.sum(0).double()
+                all_right += float((ok | ~present).all(1).sum())
+                pairs += lab.shape[0]
+    return {
+        "per_switch": [{"class": sw.name, "accuracy": float(right[i] / cases[i]) if cases[i] else math.nan,
+                        "cases": int(cases[i])} for i, sw in enumerate(SWITCHES)],
+        "all_right": all_right / pairs if pairs else math.nan,
+        "cases": pairs,
+    }
+
+
 # -- models ---------------------------------------------------------------------------------
 
 
@@ -693,10 +756,15 @@ def calibrate_runs(
     oracle: bool = False,
     min_pixels: int = 1,
     examples: int = 3,
+    posterior_scenes: int = 20,
     threads: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``lidcseg calibration``: calibrate every run (and optionally the oracle) and write the report.
+
+    Runs with a posterior net (``reconstruct``) also get
+    :func:`posterior_switch_accuracy` on the first ``posterior_scenes`` scenes
+    (0: skip), the diagnosis of which flips the model has learned to encode.
 
     Writes ``calibration.json``, ``calibration.md``, ``modes.png`` (Fig. 5),
     ``marginals.png`` (pixel-wise marginals), ``ged.png`` (GED vs samples with
@@ -741,6 +809,13 @@ def calibrate_runs(
                 progress=progress, stage=f"{m.label} ({j + 1}/{len(models)})")
             if keep:
                 ex.samples[m.label] = np.stack([kept[i] for i in keep])
+            if posterior_scenes > 0 and hasattr(m.model, "reconstruct"):
+                if progress is not None:
+                    progress(f"{m.label}: posterior", 0, 1)
+                k = min(posterior_scenes, images.shape[0])
+                res["posterior"] = posterior_switch_accuracy(
+                    m.model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
+                    min_pixels=min_pixels)
             results.append({"label": m.label, "info": m.info, **res,
                             "time_s": time.perf_counter() - t_run})
     report = {
@@ -751,7 +826,8 @@ def calibrate_runs(
                      "classes": list(CLASS_NAMES), "eval_classes": list(EVAL_CLASSES),
                      "mode_probabilities": mode_probabilities().tolist()},
         "settings": {"counts": sorted(set(int(c) for c in counts)), "samples": samples, "seed": seed,
-                     "min_pixels": min_pixels, "device": str(dev), "ged": "V-statistic (Eq. 7)"},
+                     "min_pixels": min_pixels, "device": str(dev), "ged": "V-statistic (Eq. 7)",
+                     "posterior_scenes": posterior_scenes},
         "paper_ged": {str(k): v for k, v in PAPER_GED.items()},
         "runs": results,
         "time_s": time.perf_counter() - t0,
@@ -835,6 +911,16 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                      *[fmt(r["pixels"]["per_class"][i]["p_twin"]) for r in runs]])
     rows.append(["mean abs error", "", *[fmt(r["pixels"]["mae"], 4) for r in runs]])
     lines += [markdown_table(headers, rows), ""]
+    with_post = [r for r in runs if r.get("posterior")]
+    if with_post:
+        lines += ["## Which flips the posterior encodes", "",
+                  "Share of (scene, mode) pairs where the posterior-mean reconstruction S(X, mu_post(X, Y_k)) "
+                  "gets the switch right (0.5: not encoded, so the prior's samples cannot be calibrated "
+                  f"for it); first {report['settings'].get('posterior_scenes')} scenes, all 32 modes.", ""]
+        rows = [[sw.name, *[fmt(r["posterior"]["per_switch"][i]["accuracy"]) for r in with_post]]
+                for i, sw in enumerate(SWITCHES)]
+        rows.append(["all five right", *[fmt(r["posterior"]["all_right"]) for r in with_post]])
+        lines += [markdown_table(["switch", *[r["label"] for r in with_post]], rows), ""]
     lines += ["Figures: `ged.png`, `modes.png`, `marginals.png`, `examples.png`.", ""]
     return "\n".join(lines)
 

@@ -29,15 +29,13 @@ prod_i p_i^{b_i} (1 - p_i)^{1 - b_i}.
 stream position ``k`` are a pure function of ``(seed, k)``
 (:func:`step_flips`), so a run is reproducible and resumable without state.
 
-The named presets for training on the task (:data:`TASK_PRESETS`) live here
-too, as plain dicts of :class:`~lidcseg.config.ModelConfig` /
-:class:`~lidcseg.config.TrainConfig` fields.
+The presets for training on the task (``cityscapes``, ``scenes-quick``) are
+in :data:`lidcseg.config.PRESETS` with the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -204,38 +202,3 @@ def check_unflipped(label: np.ndarray | torch.Tensor, what: str = "label") -> No
     if bad.size or (values < 0).any():
         shown = ", ".join(str(int(v)) for v in np.concatenate([values[values < 0], bad])[:5])
         raise ValueError(f"{what} must hold un-flipped trainIds 0..18 or 255, found {shown}")
-
-
-#: Presets for ``lidcseg train`` on the flip task, as ``{name: {"model": {...}, "train": {...}}}``
-#: (fields of ModelConfig / TrainConfig).
-#:
-#: - ``cityscapes``: paper-like at 256 x 512: 6 scales (one more than LIDC), base 32,
-#:   3 convs per block, N = 6, 3 f_comb 1x1 convs, beta = 1, batch 16, Adam 1e-4 -> 1e-6 in
-#:   5 step-downs over 240k steps (the LIDC schedule). 110 M parameters, since ModelConfig
-#:   doubles the channels at every scale; the authors' release uses 7 scales capped at 192
-#:   channels (32, 64, 128, 192, 192, 192, 192), which ModelConfig cannot express.
-#: - ``scenes-quick``: the synthetic 64 x 128 scenes on one CPU thread: 0.27 M parameters,
-#:   0.4-0.6 s per step of 8 scenes, 800 steps in 5-8 minutes. Measured (seed 0, 400 training
-#:   scenes): validation GED@16 0.35 (the oracle's floor is 0.036), mode-frequency r 0.66,
-#:   pixel-marginal MAE 0.20: it visibly learns the flips of the large classes (sidewalk,
-#:   road) first; calibrating all five takes far longer training. N = 6 instead of 3 was
-#:   worse after 800 steps (GED 0.40, samples less diverse).
-TASK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "cityscapes": {
-        "model": dict(in_channels=3, num_classes=NUM_CLASSES, base_channels=32, num_scales=6,
-                      convs_per_block=3, latent_dim=6, fcomb_channels=32, fcomb_layers=3,
-                      beta=1.0),
-        "train": dict(steps=240_000, batch_size=16, lr=1e-4, lr_final=1e-6, lr_decay_steps=5,
-                      weight_decay=1e-5, augment=True, val_every=2000, val_samples=16,
-                      val_max_crops=100, checkpoint_every=2000),
-    },
-    "scenes-quick": {
-        "model": dict(in_channels=3, num_classes=NUM_CLASSES, base_channels=8, num_scales=4,
-                      convs_per_block=2, latent_dim=3, fcomb_channels=16, fcomb_layers=3,
-                      beta=1.0),
-        "train": dict(steps=800, batch_size=8, lr=1e-3, lr_final=1e-4, lr_decay_steps=2,
-                      weight_decay=1e-5, augment=True, kl_free_bits=0.0, num_workers=0,
-                      log_every=10, val_every=100, val_samples=16, val_max_crops=32,
-                      val_batch_size=8, checkpoint_every=100, threads=1),
-    },
-}

@@ -22,12 +22,13 @@ from lidcseg.calibration import (
     nearest_modes,
     pairwise_flip_distance,
     pearson,
+    posterior_switch_accuracy,
     switch_counts,
     validate_flip_task,
 )
 from lidcseg.config import ModelConfig
 from lidcseg.data.scenes import SceneEvalDataset, make_scenes
-from lidcseg.flips import FLIP_PROBS, NUM_CLASSES, mode_labels, mode_probabilities
+from lidcseg.flips import FLIP_PROBS, NUM_CLASSES, SWITCHES, mode_labels, mode_probabilities
 from lidcseg.io.checkpoint import save_checkpoint
 from lidcseg.models.registry import create_model
 from lidcseg_cli.main import app
@@ -251,6 +252,41 @@ def test_validate_flip_task(scenes: Path) -> None:
     assert out["ged"] == pytest.approx(2 * out["cross"] - out["diversity"] - out["graders"], abs=1e-5)
 
 
+class _Reconstructs:
+    """A fake posterior model: reconstructs the shown mode, or one fixed answer whatever it is shown."""
+
+    def __init__(self, blind: bool = False, flip_these=()) -> None:
+        self.blind, self.flip_these = blind, flip_these
+
+    def reconstruct(self, x, y, ignore=None):
+        if self.blind:  # never sees the flips: always the un-flipped label
+            y = y.clone()
+            for sw in SWITCHES:
+                y[y == sw.flipped] = sw.original
+        elif self.flip_these:  # encodes every switch but gets these ones backwards
+            y = y.clone()
+            for sw in self.flip_these:
+                orig, twin = y == sw.original, y == sw.flipped
+                y[orig], y[twin] = sw.flipped, sw.original
+        return torch.nn.functional.one_hot(y, NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+
+def test_posterior_switch_accuracy_hand_cases(test_split) -> None:
+    images, labels, ignore = test_split
+    images, labels, ignore = images[:6], labels[:6], ignore[:6]
+    perfect = posterior_switch_accuracy(_Reconstructs(), images, labels, ignore, batch_size=4)
+    assert perfect["cases"] == 6 * 32 and perfect["all_right"] == 1.0
+    assert [p["accuracy"] for p in perfect["per_switch"]] == [1.0] * 5
+    # A decoder that ignores the posterior is right on exactly the 16 of 32 modes that agree with it.
+    blind = posterior_switch_accuracy(_Reconstructs(blind=True), images, labels, ignore, batch_size=4)
+    assert [p["accuracy"] for p in blind["per_switch"]] == [0.5] * 5
+    assert blind["all_right"] == pytest.approx(1 / 32)
+    # Getting the car backwards costs the car only.
+    car = posterior_switch_accuracy(_Reconstructs(flip_these=(SWITCHES[2],)), images, labels, ignore)
+    assert [p["accuracy"] for p in car["per_switch"]] == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert car["all_right"] == 0.0
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -284,6 +320,11 @@ def test_cli_calibration_end_to_end(scenes: Path, tmp_path: Path) -> None:
     assert report["data"]["scenes"] == 6
     md = (out / "calibration.md").read_text()
     assert "Table 2" in md and "Pearson r" in md and "sidewalk → sidewalk 2" in md
+    # The Prob. U-Net is checked for what its posterior encodes; the oracle has no posterior.
+    post = report["runs"][0]["posterior"]
+    assert post["cases"] == 6 * 32 and len(post["per_switch"]) == 5
+    assert "posterior" not in report["runs"][1]
+    assert "Which flips the posterior encodes" in md and "posterior encodes:" in result.output
 
 
 def test_cli_calibration_errors(scenes: Path, tmp_path: Path, disc_data: Path) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lidcseg.config import ModelConfig, TrainConfig
+from lidcseg.config import PRESETS, preset
 from lidcseg.flips import (
     CLASS_NAMES,
     EVAL_CLASSES,
@@ -15,7 +15,6 @@ from lidcseg.flips import (
     NUM_CLASSES,
     NUM_MODES,
     SWITCHES,
-    TASK_PRESETS,
     apply_flips,
     check_unflipped,
     draw_flips,
@@ -119,9 +118,19 @@ def test_check_unflipped() -> None:
         check_unflipped(torch.tensor([-1, 3]))
 
 
-@pytest.mark.parametrize("name", sorted(TASK_PRESETS))
-def test_task_presets_are_valid_configs(name: str) -> None:
-    model = ModelConfig(**TASK_PRESETS[name]["model"])
-    train = TrainConfig(**TASK_PRESETS[name]["train"])
-    assert model.num_classes == 24 and model.in_channels == 3
+@pytest.mark.parametrize("name", ["cityscapes", "scenes-quick"])
+def test_task_presets_fit_the_task(name: str) -> None:
+    model, train = PRESETS[name]
+    assert model.num_classes == NUM_CLASSES and model.in_channels == 3
     assert train.steps >= 1
+
+
+def test_lidc_preset_names_resolve_per_task() -> None:
+    # The paper's names mean the paper's setting of the task the data is for.
+    assert preset("paper", task="flip-scenes") == PRESETS["cityscapes"]
+    assert preset("cpu-quick", task="flip-scenes") == PRESETS["scenes-quick"]
+    assert preset("cpu-quick") == PRESETS["cpu-quick"]
+    assert preset("scenes-quick", task="flip-scenes") == PRESETS["scenes-quick"]
+    assert PRESETS["cityscapes"][0].num_scales == PRESETS["paper"][0].num_scales + 1
+
+

@@ -199,3 +199,24 @@ def test_lidcseg_train_runs_on_the_flip_task(tmp_path) -> None:
     assert val and {"ged", "mode_r", "flip_mae"} <= set(val[-1])
     report = calibrate_runs(data, [run], tmp_path / "report", counts=(1, 2), samples=2)
     assert report is not None and (tmp_path / "report" / "calibration.json").exists()
+
+
+def test_cli_cpu_quick_on_scenes_means_scenes_quick(tmp_path) -> None:
+    """`--preset cpu-quick` on flip scenes trains the 24-class RGB model of `scenes-quick`."""
+    import json
+
+    from lidcseg.config import PRESETS
+    from lidcseg.data.scenes import make_scenes
+
+    data = tmp_path / "scenes"
+    make_scenes(data, n_train=4, n_val=2, n_test=2, height=32, width=64, seed=0)
+    tiny = ["--set", "base_channels=4", "--set", "num_scales=3", "--set", "batch_size=2",
+            "--set", "val_samples=2", "--set", "val_max_crops=2"]
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--preset", "cpu-quick", "--steps", "2", *tiny])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    quick_model, quick_train = PRESETS["scenes-quick"]
+    assert config["model"]["num_classes"] == 24 and config["model"]["in_channels"] == 3
+    assert config["model"]["latent_dim"] == quick_model.latent_dim
+    assert config["train"]["lr"] == quick_train.lr

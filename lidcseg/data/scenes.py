@@ -41,6 +41,17 @@ sidewalks, poles with signs, and an ignored ego-vehicle bonnet at the bottom
 edge. Each class has its own colour plus per-pixel noise, so the image
 determines the un-flipped class; the five flips then make the labels
 ambiguous exactly as on Cityscapes.
+
+Unlike Cityscapes, the five switchable classes cover comparable areas (means
+over the default 400 training scenes at 32 x 64: road 18%, sidewalk 10%,
+person 7%, car 6%, vegetation 5%; on Cityscapes a person is about 1%). A
+Prob. U-Net learns to encode the flips one at a time, after waiting times that
+grow as the flipped region shrinks (the posterior net sees a flip only through
+the global average of its last feature map) and that vary with the seed. With
+persons at 1% of the image (the first version of these scenes) no CPU run
+learned the person's flip in 2000 steps. The default size, 32 x 64, makes a
+step 4x cheaper than 64 x 128 at the same share of each class; in our runs the
+flips were learned after similar numbers of steps at either size.
 """
 
 from __future__ import annotations
@@ -497,24 +508,24 @@ def _layout(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     # Cars on the road (far ones first, so near ones cover them), at least one.
     rows = sorted(int(rng.integers(y_lo, max(y_lo + 1, y_hi))) for _ in range(int(rng.integers(1, 4))))
     for yb in rows:
-        s = row_t(yb)
+        s = max(row_t(yb), 0.35)
         half = road_half[yb, 0]
-        cw = max(3.0, s * w * rng.uniform(0.16, 0.24))
+        cw = max(3.0, s * w * rng.uniform(0.2, 0.3))
         ch = max(2.0, cw * rng.uniform(0.45, 0.6))
         xc = vx + rng.uniform(-1, 1) * max(0.0, half - cw / 2)
         body = (np.abs(xx - xc) <= cw / 2) & (yy <= yb) & (yy > yb - ch)
         roof = (np.abs(xx - xc) <= cw / 3) & (yy <= yb - ch) & (yy > yb - 1.5 * ch)
         label[body | roof] = 13
 
-    # Persons on the sidewalks, at least one.
-    for _ in range(int(rng.integers(1, 4))):
+    # Persons on the sidewalks, at least two.
+    for _ in range(int(rng.integers(2, 6))):
         yb = int(rng.integers(y_lo, max(y_lo + 1, y_hi)))
-        s = row_t(yb)
+        s = max(row_t(yb), 0.35)
         side = rng.choice([-1.0, 1.0])
         mid = (road_half[yb, 0] + side_half[yb, 0]) / 2
         xc = vx + side * (mid + rng.uniform(-0.3, 0.3) * (side_half[yb, 0] - road_half[yb, 0]))
-        ph = max(4.0, s * h * rng.uniform(0.3, 0.4))
-        pw = max(1.0, ph / 7)
+        ph = max(6.0, s * h * rng.uniform(0.4, 0.55))
+        pw = max(2.0, ph / 3.5)
         body = (np.abs(xx - xc) <= pw) & (yy <= yb) & (yy > yb - 0.8 * ph)
         head = (yy - (yb - 0.88 * ph)) ** 2 + (xx - xc) ** 2 <= max(0.8, pw) ** 2
         label[body | head] = 11
@@ -534,7 +545,7 @@ def _paint(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
     return np.clip(img.round(), 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 
-def make_scene(rng: np.random.Generator, height: int = 64, width: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def make_scene(rng: np.random.Generator, height: int = 32, width: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic street scene: ``(image (3, H, W) uint8, label (H, W) uint8 un-flipped trainIds)``.
 
     Every scene has at least :data:`MIN_SWITCH_PIXELS` non-ignored pixels of
@@ -555,8 +566,8 @@ def make_scenes(
     n_train: int = 400,
     n_val: int = 50,
     n_test: int = 100,
-    height: int = 64,
-    width: int = 128,
+    height: int = 32,
+    width: int = 64,
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,

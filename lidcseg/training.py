@@ -505,14 +505,14 @@ def _validate(
     t0 = time.perf_counter()
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    if scenes:
-        from lidcseg.calibration import validate_flip_task
-
-        return validate_flip_task(model, batches, cfg.val_samples, device=device, generator=gen,
-                                  autocast=autocast, channels_last=cfg.channels_last)
     # Ensembles and M-Heads have a fixed number of members (``max_samples``).
     cap = getattr(model, "max_samples", None)
     n_samples = cfg.val_samples if cap is None else min(cfg.val_samples, cap)
+    if scenes:
+        from lidcseg.calibration import validate_flip_task
+
+        return validate_flip_task(model, batches, n_samples, device=device, generator=gen,
+                                  autocast=autocast, channels_last=cfg.channels_last)
     sums = dict.fromkeys(("ged", "diversity", "graders", "cross", "pixels_varying"), 0.0)
     n = 0
     for images, masks in batches:

@@ -57,6 +57,19 @@ def parse_csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def parse_counts(text: str) -> list[int]:
+    """``-n 1,4,8,16``: sample counts, each >= 1 (a one-line error otherwise)."""
+    from lidcseg.errors import LidcsegError
+
+    try:
+        counts = [int(v) for v in parse_csv(text) or []]
+    except ValueError:
+        raise LidcsegError(f"-n expects sample counts like 1,4,8,16, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise LidcsegError(f"-n expects sample counts >= 1, got {text!r}")
+    return counts
+
+
 @contextmanager
 def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by the library's ``progress(stage, done, total)`` callback."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv, stage_progress
+from lidcseg_cli._common import console, one_line_errors, parse_counts, stage_progress
 
 cityscapes_app = typer.Typer(help="Cityscapes for the flip task (Section 4.2).", no_args_is_help=True)
 scenes_app = typer.Typer(help="Synthetic street scenes for the flip task.", no_args_is_help=True)
@@ -25,18 +25,6 @@ def _size(text: str) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise LidcsegError(f"--size must be positive, got {text!r}")
     return height, width
-
-
-def _counts(text: str) -> list[int]:
-    from lidcseg.errors import LidcsegError
-
-    try:
-        counts = [int(v) for v in parse_csv(text) or []]
-    except ValueError:
-        raise LidcsegError(f"-n expects sample counts like 1,4,8,16, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise LidcsegError(f"-n expects sample counts >= 1, got {text!r}")
-    return counts
 
 
 @cityscapes_app.command("prepare")
@@ -105,7 +93,7 @@ def calibration(
     from lidcseg.calibration import PAPER_GED, calibrate_runs
     from lidcseg.reports.tables import fmt
 
-    counts = _counts(n)
+    counts = parse_counts(n)
     with stage_progress() as update:
         report = calibrate_runs(data, run or [], out, split=split, counts=counts, samples=samples,
                                 seed=seed, device=device, batch_size=batch_size, max_images=max_images,

@@ -6,21 +6,9 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv, stage_progress
+from lidcseg_cli._common import console, one_line_errors, parse_counts, stage_progress
 
 RUN_HELP = "A `lidcseg train` run directory (best/, else last/) or a checkpoint folder. Repeatable."
-
-
-def _counts(text: str) -> list[int]:
-    from lidcseg.errors import LidcsegError
-
-    try:
-        counts = [int(v) for v in parse_csv(text) or []]
-    except ValueError:
-        raise LidcsegError(f"-n expects sample counts like 1,4,8,16, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise LidcsegError(f"-n expects sample counts >= 1, got {text!r}")
-    return counts
 
 
 @one_line_errors
@@ -42,7 +30,7 @@ def evaluate(
     from lidcseg.evaluation import evaluate_runs
     from lidcseg.reports.tables import fmt
 
-    counts = _counts(n)
+    counts = parse_counts(n)
     with stage_progress() as update:
         ev = evaluate_runs(data, run, split=split, counts=counts, out=out, seed=seed, unbiased=unbiased,
                            device=device, batch_size=batch_size, max_images=max_images,

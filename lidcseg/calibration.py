@@ -63,6 +63,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import (
     CLASS_NAMES,
@@ -786,7 +787,7 @@ def calibrate_runs(
     ds = SceneEvalDataset(split_path(data_dir, split), limit=max_images)
     if len(ds) == 0:
         raise LidcsegError(f"split {split!r} has no scenes", split_path(data_dir, split))
-    dev = _device(device)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     with torch_threads(threads):
         models = [load_flip_model(r, dev) for r in runs]
@@ -834,23 +835,6 @@ def calibrate_runs(
     }
     write_calibration(report, ex, out)
     return report
-
-
-def _device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    The rule of :func:`lidcseg.sampling.resolve_device`, without importing that
-    module (it pulls in MONAI: 10 s of start-up on a busy CPU).
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not (name == "cuda" or name.startswith("cuda:")):
-        raise LidcsegError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if not torch.cuda.is_available():
-        raise LidcsegError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def _unique_labels(models: list[FlipModel]) -> None:

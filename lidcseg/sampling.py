@@ -61,6 +61,7 @@ import torch
 from lidcseg.config import DataConfig
 from lidcseg.data.crops import grader_masks, lesion_centre_ij, resample_to_grid
 from lidcseg.data.transforms import normalize_hu
+from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
 from lidcseg.io.scan import ScanVolume, read_scan, scan_info
 from lidcseg.lidc.series import Series
@@ -100,19 +101,6 @@ class LoadedModel:
     data: DataConfig
     info: dict[str, Any]
     device: torch.device
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not (name == "cuda" or name.startswith("cuda:")):
-        raise LidcsegError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if not torch.cuda.is_available():
-        raise LidcsegError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def load_for_sampling(

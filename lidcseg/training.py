@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from lidcseg.config import ModelConfig, TrainConfig, from_dict, to_dict
+from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
 
@@ -554,16 +555,13 @@ def _init_distributed(cfg: TrainConfig) -> _Dist:
 
 
 def _resolve_device(name: str, dist: _Dist) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; under DDP, the rank's local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise LidcsegError(f"device {name!r} requested but CUDA is not available")
+    """:func:`lidcseg.device.resolve_device`; a CUDA device gets an index (0), and under
+    DDP it is the rank's local GPU."""
+    dev = resolve_device(name)
+    if dev.type == "cpu":
+        return dev
     if dist.world > 1:
         return torch.device("cuda", dist.local_rank)
-    dev = torch.device(name)
     return dev if dev.index is not None else torch.device("cuda", 0)
 
 

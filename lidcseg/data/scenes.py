@@ -57,7 +57,6 @@ flips were learned after similar numbers of steps at either size.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -68,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lidcseg.data.store import LazyH5
+from lidcseg.data.store import AppendH5, LazyH5
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import (
     CLASS_NAMES,
@@ -80,7 +79,7 @@ from lidcseg.flips import (
     flips_to_mode,
     step_flips,
 )
-from lidcseg.io.atomic import atomic_path, write_json_atomic
+from lidcseg.io.atomic import write_json_atomic
 
 FORMAT_NAME = "lidcseg-scenes"
 FORMAT_VERSION = 1
@@ -95,7 +94,7 @@ Progress = Callable[[str, int, int], None]
 # -- on-disk format ------------------------------------------------------------------------------
 
 
-class SceneWriter:
+class SceneWriter(AppendH5):
     """Stream scenes into one split file; the file appears atomically on a clean close.
 
     Example:
@@ -106,35 +105,14 @@ class SceneWriter:
     def __init__(
         self, path: str | Path, height: int, width: int, attrs: Mapping[str, Any] | None = None
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, attrs)
         self.height, self.width = int(height), int(width)
-        self.attrs = dict(attrs or {})
-        self.count = 0
 
-    def __enter__(self) -> SceneWriter:
-        self._atomic = atomic_path(self.path)
-        tmp = self._atomic.__enter__()
-        try:
-            f = h5py.File(tmp, "w", track_order=True)
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["height"] = self.height
-            f.attrs["width"] = self.width
-            for k, v in self.attrs.items():
-                f.attrs[k] = v
-            h, w = self.height, self.width
-            opts: dict[str, Any] = dict(compression="lzf", track_times=False)
-            f.create_dataset("image", (0, 3, h, w), np.uint8, maxshape=(None, 3, h, w),
-                             chunks=(1, 3, h, w), **opts)
-            f.create_dataset("label", (0, h, w), np.uint8, maxshape=(None, h, w),
-                             chunks=(1, h, w), **opts)
-            f.create_dataset("name", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(1024,),
-                             track_times=False)
-        except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
-            raise
-        self._f = f
-        return self
+    def layout(self) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, bool]]]:
+        h, w = self.height, self.width
+        fixed = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "height": h, "width": w}
+        return fixed, {"image": ((3, h, w), np.uint8, True), "label": ((h, w), np.uint8, True),
+                       "name": ((), h5py.string_dtype(), False)}
 
     def append(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> None:
         """Append scenes: images (n, 3, H, W) uint8, labels (n, H, W) uint8, n names."""
@@ -142,19 +120,9 @@ class SceneWriter:
         h, w = self.height, self.width
         if images.shape != (n, 3, h, w) or labels.shape != (n, h, w):
             raise ValueError(f"bad scene shapes: image {images.shape}, label {labels.shape}, {n} names")
-        if n == 0:
-            return
-        a, b = self.count, self.count + n
-        for key, data in (("image", images.astype(np.uint8, copy=False)),
-                          ("label", labels.astype(np.uint8, copy=False)),
-                          ("name", np.asarray([str(x) for x in names], dtype=object))):
-            self._f[key].resize(b, axis=0)
-            self._f[key][a:b] = data
-        self.count = b
-
-    def __exit__(self, *exc: Any) -> None:
-        self._f.close()
-        self._atomic.__exit__(*exc)
+        self._extend({"image": images.astype(np.uint8, copy=False),
+                      "label": labels.astype(np.uint8, copy=False),
+                      "name": np.asarray([str(x) for x in names], dtype=object)})
 
 
 class SceneStore(LazyH5):

@@ -97,7 +97,62 @@ def _np_dtype(dt: Any) -> Any:
     return object if h5py.check_string_dtype(np.dtype(dt)) is not None else dt
 
 
-class CropWriter:
+class AppendH5:
+    """An HDF5 file of growable row datasets, written to a temporary file and
+    renamed into place only when the ``with`` block ends without an exception.
+
+    Subclasses say what the file holds (:meth:`layout`) and append rows with
+    :meth:`_extend`; memory stays bounded by the largest appended batch.
+    """
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.attrs = dict(attrs or {})
+        self.count = 0
+
+    def layout(self) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, bool]]]:
+        """``(file attributes, {dataset: (row shape, dtype, one LZF chunk per row)})``.
+
+        Datasets without a chunk per row are small columns, chunked by 1024 rows.
+        The caller's ``attrs`` are written after the file attributes.
+        """
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            f = h5py.File(tmp, "w", track_order=True)
+            fixed, datasets = self.layout()
+            for k, v in {**fixed, **self.attrs}.items():
+                f.attrs[k] = v
+            for name, (row, dtype, per_row) in datasets.items():
+                opts: dict[str, Any] = dict(compression="lzf") if per_row else {}
+                f.create_dataset(name, (0, *row), dtype, maxshape=(None, *row),
+                                 chunks=(1 if per_row else 1024, *row), track_times=False, **opts)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._f = f
+        return self
+
+    def _extend(self, columns: Mapping[str, Any]) -> None:
+        """Append the same number of rows to every named dataset."""
+        n = len(next(iter(columns.values())))
+        if n == 0:
+            return
+        a, b = self.count, self.count + n
+        for name, data in columns.items():
+            self._f[name].resize(b, axis=0)
+            self._f[name][a:b] = data
+        self.count = b
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()
+        self._atomic.__exit__(*exc)
+
+
+class CropWriter(AppendH5):
     """Stream crops into one split file, batch by batch; atomic on close.
 
     Memory stays bounded by the largest appended batch. The file appears at
@@ -111,65 +166,30 @@ class CropWriter:
     def __init__(
         self, path: str | Path, size: int, graders: int = N_GRADERS, attrs: Mapping[str, Any] | None = None
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, attrs)
         self.size = size
         self.graders = graders
-        self.attrs = dict(attrs or {})
-        self.count = 0
 
-    def __enter__(self) -> CropWriter:
-        self._atomic = atomic_path(self.path)
-        tmp = self._atomic.__enter__()
-        try:
-            f = h5py.File(tmp, "w", track_order=True)
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["crop_size"] = self.size
-            f.attrs["n_graders"] = self.graders
-            for k, v in self.attrs.items():
-                f.attrs[k] = v
-            s, g = self.size, self.graders
-            opts = dict(compression="lzf", track_times=False)
-            f.create_dataset("image", (0, s, s), np.int16, maxshape=(None, s, s), chunks=(1, s, s), **opts)
-            f.create_dataset(
-                "masks", (0, g, s, s), np.uint8, maxshape=(None, g, s, s), chunks=(1, g, s, s), **opts
-            )
-            for k, dt in META_COLUMNS.items():
-                shape = (0, 3) if k == "centre_mm" else (0,)
-                f.create_dataset(
-                    k, shape, dt, maxshape=(None, *shape[1:]), chunks=(1024, *shape[1:]), track_times=False
-                )
-        except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
-            raise
-        self._f = f
-        return self
+    def layout(self) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], Any, bool]]]:
+        s, g = self.size, self.graders
+        fixed = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "crop_size": s, "n_graders": g}
+        datasets = {"image": ((s, s), np.int16, True), "masks": ((g, s, s), np.uint8, True)}
+        for k, dt in META_COLUMNS.items():
+            datasets[k] = ((3,) if k == "centre_mm" else (), dt, False)
+        return fixed, datasets
 
     def append(self, batch: CropBatch) -> None:
         """Append ``batch`` (``image`` ``(n, S, S)``, ``masks`` ``(n, G, S, S)``)."""
-        n = len(batch)
         if batch.image.shape[1:] != (self.size, self.size) or batch.masks.shape[1:] != (
             self.graders, self.size, self.size
         ):
             raise ValueError(f"bad crop shapes: image {batch.image.shape}, masks {batch.masks.shape}")
-        if n == 0:
-            return
-        f, a, b = self._f, self.count, self.count + n
-        for name, data in (("image", batch.image.astype(np.int16, copy=False)),
-                           ("masks", batch.masks.astype(np.uint8, copy=False))):
-            f[name].resize(b, axis=0)
-            f[name][a:b] = data
+        columns = {"image": batch.image.astype(np.int16, copy=False),
+                   "masks": batch.masks.astype(np.uint8, copy=False)}
         for k in META_COLUMNS:
             col = batch.meta[k]
-            if k == "patient_id":
-                col = np.asarray([str(x) for x in col], dtype=object)
-            f[k].resize(b, axis=0)
-            f[k][a:b] = col
-        self.count = b
-
-    def __exit__(self, *exc: Any) -> None:
-        self._f.close()
-        self._atomic.__exit__(*exc)
+            columns[k] = np.asarray([str(x) for x in col], dtype=object) if k == "patient_id" else col
+        self._extend(columns)
 
 
 def write_crops(

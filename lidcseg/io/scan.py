@@ -279,7 +279,13 @@ def read_dicom_scan(folder: str | Path) -> ScanVolume:
         LidcsegError: no files, a corrupt or truncated file, several series, or
             geometry outside the rules.
     """
-    from lidcseg.lidc.series import check_stack, list_dicom_files, read_header, sort_by_z
+    from lidcseg.lidc.series import (
+        check_stack,
+        list_dicom_files,
+        read_dicom_hu,
+        read_header,
+        sort_by_z,
+    )
 
     folder = Path(folder)
     files = list_dicom_files(folder)
@@ -308,7 +314,7 @@ def read_dicom_scan(folder: str | Path) -> ScanVolume:
     kept_files = [h.path for h in kept]
 
     def read_slice(k: int) -> np.ndarray:
-        return _read_dicom_pixels(kept_files[k], (rows, cols))
+        return read_dicom_hu(kept_files[k], (rows, cols))
 
     return ScanVolume(
         kind="dicom",
@@ -329,26 +335,6 @@ def read_dicom_scan(folder: str | Path) -> ScanVolume:
         warnings=warnings,
         _read_slice=read_slice,
     )
-
-
-def _read_dicom_pixels(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """One DICOM image in HU (Rescale Slope/Intercept applied by SimpleITK): ``(R, C)`` float32."""
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    except RuntimeError:
-        raise LidcsegError("SimpleITK cannot read this DICOM image", path) from None
-    arr = sitk.GetArrayFromImage(img)
-    if arr.ndim == 3:
-        if arr.shape[0] != 1:
-            raise LidcsegError(f"multi-frame DICOM images are not supported ({arr.shape[0]} frames)", path)
-        arr = arr[0]
-    if arr.shape != shape:
-        raise LidcsegError(f"pixel array {arr.shape} differs from the header {shape}", path)
-    if not np.isfinite(arr).all():
-        raise LidcsegError("non-finite pixel values", path)
-    return arr
 
 
 def scan_info(scan: ScanVolume) -> dict[str, Any]:

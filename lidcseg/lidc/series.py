@@ -38,6 +38,29 @@ AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
+def read_dicom_hu(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """One DICOM image in HU (Rescale Slope/Intercept applied by SimpleITK): ``(R, C)`` float32.
+
+    Raises:
+        LidcsegError: unreadable, multi-frame, a pixel array of another shape than
+            the header's ``shape``, or non-finite values; naming the file.
+    """
+    try:
+        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError:
+        raise LidcsegError("SimpleITK cannot read this DICOM image", path) from None
+    arr = sitk.GetArrayFromImage(img)
+    if arr.ndim == 3:
+        if arr.shape[0] != 1:
+            raise LidcsegError(f"multi-frame DICOM images are not supported ({arr.shape[0]} frames)", path)
+        arr = arr[0]
+    if arr.shape != shape:
+        raise LidcsegError(f"pixel array {arr.shape} differs from the header {shape}", path)
+    if not np.isfinite(arr).all():
+        raise LidcsegError("non-finite pixel values", path)
+    return arr
+
+
 @dataclass(frozen=True)
 class SliceHeader:
     path: Path
@@ -73,17 +96,7 @@ class Series:
 
     def read_slice_hu(self, k: int) -> np.ndarray:
         """Slice ``k`` in HU, ``(rows, cols)`` float32 (row i = y, column j = x)."""
-        path = self.files[k]
-        try:
-            img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-        except RuntimeError:
-            raise LidcsegError("SimpleITK cannot read this DICOM image", path) from None
-        arr = sitk.GetArrayFromImage(img)
-        if arr.ndim == 3:
-            arr = arr[0]
-        if arr.shape != self.shape:
-            raise LidcsegError(f"pixel array {arr.shape} differs from the header {self.shape}", path)
-        return arr
+        return read_dicom_hu(self.files[k], self.shape)
 
 
 def read_header(path: Path) -> SliceHeader:

@@ -133,24 +133,8 @@ class SceneStore(LazyH5):
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LidcsegError("no such scene file", self.path)
-        try:
-            with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") != FORMAT_NAME:
-                    raise LidcsegError(f"not a {FORMAT_NAME} file", self.path)
-                version = int(f.attrs.get("format_version", -1))
-                if version != FORMAT_VERSION:
-                    raise LidcsegError(
-                        f"scene format version {version}, this lidcseg reads {FORMAT_VERSION}", self.path
-                    )
-                self.height, self.width = int(f.attrs["height"]), int(f.attrs["width"])
-                self._len = int(f["image"].shape[0])
-                self.attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
-        except OSError as e:
-            raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
-        self._reset_handle()
+        self._open_checked(path, "scene", FORMAT_NAME, FORMAT_VERSION)
+        self.height, self.width = int(self.attrs["height"]), int(self.attrs["width"])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image (3, H, W) uint8, label (H, W) uint8)`` of scene ``i``."""

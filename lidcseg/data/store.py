@@ -211,13 +211,38 @@ def write_crops(
 class LazyH5:
     """A read-only HDF5 file opened lazily and reopened after ``fork``.
 
-    Subclasses set ``path`` and ``_len`` and call ``_reset_handle()`` in
-    ``__init__``; the store can then be shared by DataLoader workers (it
-    pickles without its handle).
+    Subclasses call :meth:`_open_checked` in ``__init__``; the store can then be
+    shared by DataLoader workers (it pickles without its handle).
     """
 
     path: Path
     _len: int
+    attrs: dict[str, Any]
+
+    def _open_checked(self, path: str | Path, what: str, format_name: str, format_version: int) -> None:
+        """Check that ``path`` is a ``format_name`` file of ``format_version``; set ``path``,
+        ``attrs`` (plain Python values) and ``_len`` (rows of ``image``).
+
+        Raises:
+            LidcsegError: missing, not HDF5, another format or version; naming the file.
+        """
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LidcsegError(f"no such {what} file", self.path)
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != format_name:
+                    raise LidcsegError(f"not a {format_name} file", self.path)
+                version = int(f.attrs.get("format_version", -1))
+                if version != format_version:
+                    raise LidcsegError(
+                        f"{what} format version {version}, this lidcseg reads {format_version}", self.path
+                    )
+                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                self._len = int(f["image"].shape[0])
+        except OSError as e:
+            raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
+        self._reset_handle()
 
     def _reset_handle(self) -> None:
         self._file: h5py.File | None = None
@@ -256,25 +281,9 @@ class CropStore(LazyH5):
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LidcsegError("no such crop file", self.path)
-        try:
-            with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") != FORMAT_NAME:
-                    raise LidcsegError(f"not a {FORMAT_NAME} file", self.path)
-                version = int(f.attrs.get("format_version", -1))
-                if version != FORMAT_VERSION:
-                    raise LidcsegError(
-                        f"crop format version {version}, this lidcseg reads {FORMAT_VERSION}", self.path
-                    )
-                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
-                self._len = int(f["image"].shape[0])
-                self.crop_size = int(f.attrs["crop_size"])
-                self.n_graders = int(f.attrs["n_graders"])
-        except OSError as e:
-            raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
-        self._reset_handle()
+        self._open_checked(path, "crop", FORMAT_NAME, FORMAT_VERSION)
+        self.crop_size = int(self.attrs["crop_size"])
+        self.n_graders = int(self.attrs["n_graders"])
         self._meta: dict[str, np.ndarray] | None = None
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:

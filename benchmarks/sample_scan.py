@@ -29,7 +29,7 @@ import torch
 
 from lidcseg.config import preset, to_dict
 from lidcseg.io.atomic import write_json_atomic
-from lidcseg.io.checkpoint import save_checkpoint
+from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.lidc.phantom import make_phantom
 from lidcseg.models.registry import create_model
 from lidcseg.sampling import sample_scan

@@ -612,7 +612,7 @@ def per_image_rows(evaluation: Evaluation) -> list[list[Any]]:
 
 def summary(evaluation: Evaluation) -> dict[str, Any]:
     """The JSON summary: settings, per run and count the statistics of every metric, the tests."""
-    from lidcseg.reports.tables import describe
+    from lidcseg.metrics.stats import describe
 
     runs = []
     for r in evaluation.results:

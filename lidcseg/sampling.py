@@ -116,9 +116,9 @@ def load_for_sampling(
 
     Raises:
         LidcsegError: not a run or a checkpoint (including any checkpoint
-            :func:`lidcseg.io.checkpoint.load_checkpoint` refuses), or no known input size.
+            :func:`lidcseg.models.checkpoint.load_checkpoint` refuses), or no known input size.
     """
-    from lidcseg.io.checkpoint import CONFIG_FILE, checkpoint_dir, load_checkpoint
+    from lidcseg.models.checkpoint import CONFIG_FILE, checkpoint_dir, load_checkpoint
 
     run = Path(run)
     if not run.exists():

@@ -13,7 +13,7 @@ The run directory::
       metrics.jsonl    one JSON object a line: {"split": "train", step, loss, rec, kl,
                        kl_per_dim, beta, lr, it_s, img_s, ...} every ``log_every`` steps,
                        {"split": "val", step, ged, diversity, ...} at each validation
-      last/            model.safetensors + config.json (lidcseg.io.checkpoint), and the
+      last/            model.safetensors + config.json (lidcseg.models.checkpoint), and the
                        training state: state.safetensors (optimizer moments, torch RNG
                        states) + state.json (step, optimizer scalars, NumPy/Python RNG,
                        data-order position, best GED). No pickle anywhere.
@@ -211,7 +211,7 @@ def _train(
         is_scene_data,
     )
     from lidcseg.data.transforms import AugmentParams
-    from lidcseg.io.checkpoint import load_checkpoint
+    from lidcseg.models.checkpoint import load_checkpoint
     from lidcseg.models.registry import create_model
     from lidcseg.seed import seed_everything
 
@@ -721,7 +721,7 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
 def _save_model(
     folder: Path, model: nn.Module, step: int, val: Mapping[str, float] | None, cfg: TrainConfig
 ) -> None:
-    from lidcseg.io.checkpoint import save_checkpoint
+    from lidcseg.models.checkpoint import save_checkpoint
 
     meta: dict[str, Any] = {"step": step, "train": to_dict(cfg)}
     if val is not None:

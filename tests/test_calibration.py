@@ -29,7 +29,7 @@ from lidcseg.calibration import (
 from lidcseg.config import ModelConfig
 from lidcseg.data.scenes import SceneEvalDataset, make_scenes
 from lidcseg.flips import FLIP_PROBS, NUM_CLASSES, SWITCHES, mode_labels, mode_probabilities
-from lidcseg.io.checkpoint import save_checkpoint
+from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.models.registry import create_model
 from lidcseg_cli.main import app
 

@@ -12,7 +12,7 @@ import torch
 
 from lidcseg.config import ModelConfig
 from lidcseg.errors import LidcsegError
-from lidcseg.io.checkpoint import (
+from lidcseg.models.checkpoint import (
     CONFIG_FILE,
     FORMAT_NAME,
     WEIGHTS_FILE,

@@ -26,7 +26,7 @@ from lidcseg.evaluation import (
     wilcoxon_paired,
 )
 from lidcseg.io.atomic import write_json_atomic
-from lidcseg.io.checkpoint import save_checkpoint
+from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.metrics import ged_terms, hungarian_iou, sample_diversity
 from lidcseg.metrics.extra import hungarian_iou_from_matrix, joint_iou, prefix_metrics
 from lidcseg.models.registry import create_model

@@ -17,7 +17,8 @@ from lidcseg.reports.plots import (
     plot_presence_histograms,
     view_box,
 )
-from lidcseg.reports.tables import describe, fmt, markdown_table, write_csv
+from lidcseg.metrics.stats import describe
+from lidcseg.reports.tables import fmt, markdown_table, write_csv
 
 
 def png_size(path: Path) -> tuple[int, int]:

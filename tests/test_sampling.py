@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from lidcseg.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from lidcseg.data.transforms import apply_transform, eval_transform, normalize_hu
 from lidcseg.io.atomic import write_json_atomic
-from lidcseg.io.checkpoint import save_checkpoint
+from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.io.nifti import RAS_TO_LPS
 from lidcseg.io.scan import read_scan
 from lidcseg.models.registry import create_model

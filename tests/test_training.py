@@ -95,7 +95,7 @@ def test_tiny_run_learns_and_writes_run_dir(disc_data: Path, tmp_path: Path) -> 
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["step"] == 40 and state["data_order"]["samples_consumed"] == 160
     assert "rank0/rng/torch_cpu" in load_file(str(run / "last" / "state.safetensors"))
-    from lidcseg.io.checkpoint import load_checkpoint
+    from lidcseg.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "best").model.config == TINY_MODEL
     kinds = [e.kind for e in events]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,42 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty folder ``.NAME.tmp`` beside ``final`` to fill; on success it becomes ``final``.
+
+    The swap is two renames: an existing ``final`` becomes ``.NAME.old`` (then removed),
+    ``.NAME.tmp`` becomes ``final``. On any exception the temporary folder is removed and
+    ``final`` is untouched; a crash between the two renames leaves ``.NAME.old``, which
+    :func:`recover_dir` moves back. Whether ``final`` may be replaced is the caller's check.
+    """
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    old = final.parent / f".{final.name}.old"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists() or final.is_symlink():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: str | Path) -> None:
+    """Finish a swap of :func:`atomic_dir` interrupted between its two renames."""
+    final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    if not final.is_dir() and old.is_dir():
+        with contextlib.suppress(OSError):
+            os.rename(old, final)
 
 
 def write_bytes_atomic(dest: str | Path, data: bytes) -> None:

@@ -279,7 +279,7 @@ def read_dicom_scan(folder: str | Path) -> ScanVolume:
         LidcsegError: no files, a corrupt or truncated file, several series, or
             geometry outside the rules.
     """
-    from lidcseg.lidc.series import (
+    from lidcseg.io.dicom import (
         check_stack,
         list_dicom_files,
         read_dicom_hu,

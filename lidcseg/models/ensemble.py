@@ -74,6 +74,9 @@ class UNetEnsemble(SegmentationModel):
             and ``ensemble_size`` (M).
     """
 
+    #: ``sample(x, n)`` is the first n members: evaluated with n members per count.
+    samples_per_count = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -156,7 +159,7 @@ def assemble(
         LidcsegError: no source, a source of another model or architecture, or
             identical members.
     """
-    from lidcseg.io.checkpoint import load_checkpoint, save_checkpoint
+    from lidcseg.models.checkpoint import load_checkpoint, save_checkpoint
 
     if not checkpoints:
         raise LidcsegError("assemble needs at least one checkpoint")

@@ -11,7 +11,10 @@ Image2Image VAE) is an ``nn.Module`` subclass of :class:`SegmentationModel`:
   ``rec`` (the cross-entropy part); latent models add ``kl`` and ``kl_per_dim``.
   ``generator`` seeds the loss's own noise (posterior sample, dropout masks);
 - ``sample(x, n, generator=None, eps=None) -> (B, n, C, H, W)`` logits of ``n``
-  hypotheses per image, computed without gradients.
+  hypotheses per image, computed without gradients; ``noise_dim`` is the width N
+  of ``eps`` (B, n, N), ``max_samples`` the most hypotheses a model has (members,
+  heads) and ``samples_per_count`` says whether ``sample(x, n)`` gives n fixed
+  members (evaluated once per count).
 
 Shapes: ``x`` (B, C_in, H, W) float; ``y`` (B, H, W) int64 class labels;
 ``ignore`` (B, H, W) bool, True where a pixel is excluded from the loss.
@@ -104,11 +107,21 @@ class SegmentationModel(nn.Module, abc.ABC):
     """Base class of every model in the harness (see the module docstring)."""
 
     config: ModelConfig
+    #: Whether ``sample(x, n)`` returns n fixed members (no randomness), so that an
+    #: evaluation at several counts calls it once per count (n members each) instead
+    #: of taking the first n of one draw (the U-Net ensemble).
+    samples_per_count: bool = False
 
     @property
     def max_samples(self) -> int | None:
         """Most hypotheses ``sample`` gives per image (ensemble members, heads); None: any number."""
         return None
+
+    @property
+    def noise_dim(self) -> int:
+        """N, the width of the noise ``eps`` (B, n, N) that ``sample`` takes: the latent
+        dimension (at least 1; models without a latent take and ignore it)."""
+        return max(1, int(self.config.latent_dim or 1))
 
     @abc.abstractmethod
     def loss(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lidcseg.errors import LidcsegError
-from lidcseg.io.checkpoint import load_checkpoint, save_checkpoint
+from lidcseg.models.checkpoint import load_checkpoint, save_checkpoint
 from lidcseg.losses import pixel_cross_entropy
 from lidcseg.models import UNetEnsemble, assemble, create_model, model_config
 from lidcseg.seed import seed_everything

@@ -15,7 +15,7 @@ import torch
 import lidcseg.models.prob_unet as prob_unet
 from lidcseg.config import ModelConfig
 from lidcseg.errors import LidcsegError
-from lidcseg.io.checkpoint import load_model, save_checkpoint
+from lidcseg.models.checkpoint import load_model, save_checkpoint
 from lidcseg.models import MODEL_NAMES, ProbUNet, SegmentationModel, create_model, model_config
 from lidcseg.seed import seed_everything
 

@@ -10,7 +10,7 @@ import torch
 from test_harness import TINY  # tests/models is on sys.path (pytest prepend mode)
 
 from lidcseg.config import TrainConfig
-from lidcseg.io.checkpoint import load_model
+from lidcseg.models.checkpoint import load_model
 from lidcseg.models import MODEL_NAMES
 from lidcseg.training import iter_metrics, train
 

@@ -1,4 +1,4 @@
-"""Benchmark one training step (loss, backward, Adam) of the Probabilistic U-Net.
+"""Benchmark one training step (loss terms, the trainer's objective, backward, Adam) of the Probabilistic U-Net.
 
 Paper architecture (5 scales, base 32, N = 6) at batch 32 on 128 x 128 tiles by
 default. Variants: eager, channels_last, torch.compile (with ``--compile``),
@@ -28,6 +28,7 @@ import torch
 
 from lidcseg.config import preset
 from lidcseg.models.registry import create_model
+from lidcseg.training import objective
 
 
 def _batch(b: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def time_variant(
     name: str, device: torch.device, args: argparse.Namespace
 ) -> dict[str, float | str | int]:
     """Seconds per step of one variant, after ``--warmup`` untimed steps."""
-    mcfg, _ = preset(args.preset)
+    mcfg, tcfg = preset(args.preset)
     torch.manual_seed(0)
     model = create_model(mcfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -58,11 +59,12 @@ def time_variant(
 
     def step() -> float:
         with autocast:
-            out = loss_fn(x, y)
+            terms = loss_fn(x, y)
+        loss = objective(terms, mcfg.beta, mcfg, tcfg)  # the trainer's weighting (step 0)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         opt.step()
-        return float(out["loss"].detach())  # synchronises CUDA
+        return float(loss.detach())  # synchronises CUDA
 
     for _ in range(args.warmup):
         step()

@@ -1,4 +1,4 @@
-"""Shared pieces of the CLI: one-line errors and rich progress."""
+"""Shared pieces of the CLI: one-line errors, argument parsing and the one rich progress bar."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,17 +73,80 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
+class Bar:
+    """One rich progress bar of :func:`progress_bar`."""
+
+    def __init__(self, progress: Progress, task: TaskID, started: bool) -> None:
+        self._progress, self._task, self.started = progress, task, started
+
+    def update(self, **fields: Any) -> None:
+        """Set ``completed``, ``total``, ``advance``, ``description`` or a text field."""
+        self._progress.update(self._task, **fields)
+
+    def start(self) -> None:
+        """Show a bar made with ``start=False`` (the first call; later ones do nothing)."""
+        if not self.started:
+            self.started = True
+            self._progress.start()
+            self._progress.start_task(self._task)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the bar started (never 0, so that it can divide)."""
+        return self._progress.tasks[self._task].elapsed or 1e-9
+
+
 @contextmanager
-def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar fed by the library's ``progress(stage, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_bar(
+    label: str,
+    *fields: str,
+    total: float | None = None,
+    remaining: bool = False,
+    start: bool = True,
+    disable: bool = False,
+    **values: Any,
+) -> Iterator[Bar]:
+    """THE progress display of every command: one transient rich bar on stderr.
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task("start", total=1)
+    Columns: ``label`` (the task's description), the bar, done/total, one text column
+    per template of ``fields`` (e.g. ``"{task.fields[rate]}"``, initial ``values`` by
+    keyword), the time remaining if ``remaining``, the time elapsed.
 
-    def update(stage: str, done: int, total: int) -> None:
-        progress.update(task, description=stage, completed=done, total=max(total, 1))
+    Args:
+        start: False: the bar appears at the first :meth:`Bar.start`, so that an input
+            error raised before it prints no empty bar.
+        disable: show nothing (e.g. on DDP ranks other than 0).
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with progress:
-        yield update
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               *(TextColumn(f) for f in fields), *([TimeRemainingColumn()] if remaining else []),
+               TimeElapsedColumn()]
+    progress = Progress(*columns, console=console, transient=True, disable=disable)
+    bar = Bar(progress, progress.add_task(label, total=total, start=start, **values), start)
+    if start:
+        progress.start()
+    try:
+        yield bar
+    finally:
+        if bar.started:  # a never-started Progress still prints a newline when stopped
+            progress.stop()
+
+
+@contextmanager
+def stage_progress(disable: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar fed by the library's ``progress(stage, done, total)`` callback.
+
+    ``disable``: show nothing (rich prints an empty line when a bar stops on a console that
+    is not a terminal; ``lidcseg import`` passes ``not console.is_terminal`` to avoid it).
+    """
+    with progress_bar("start", total=1, disable=disable) as bar:
+        yield lambda stage, done, total: bar.update(description=stage, completed=done,
+                                                    total=max(total, 1))

@@ -90,7 +90,8 @@ def calibration(
     threads: int = typer.Option(0, "--threads", min=0, help="Torch CPU threads (0: torch's default)."),
 ) -> None:
     """Calibration on the flip task: GED vs the exact mixture (Eq. 7), mode frequencies, pixel marginals."""
-    from lidcseg.calibration import PAPER_GED, calibrate_runs
+    from lidcseg.calibration import calibrate_runs
+    from lidcseg.metrics.flips import PAPER_GED
     from lidcseg.reports.tables import fmt
 
     counts = parse_counts(n)

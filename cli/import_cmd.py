@@ -6,14 +6,12 @@ Prob. U-Net / PHiSeg / SSN line, LIDCv2 for the HPU-Net). See :mod:`lidcseg.data
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors
+from lidcseg_cli._common import console, one_line_errors, stage_progress
 
 if TYPE_CHECKING:
     from lidcseg.data.releases import ImportSummary
@@ -29,25 +27,6 @@ app = typer.Typer(
 
 _OUT = typer.Option(..., "--out", "-o", help="Data folder to write (train/val/test.h5, manifest.json).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace a data set already in --out.")
-
-
-@contextmanager
-def _progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, fed by the library's ``progress(stage, done, total)``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal,  # no stray lines in pipes
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
 
 
 def _report(summary: ImportSummary) -> None:
@@ -77,7 +56,7 @@ def pytorch_pickle(
     """
     from lidcseg.data.releases import import_pytorch_pickle
 
-    with _progress() as progress:
+    with stage_progress(disable=not console.is_terminal) as progress:  # no stray lines in pipes
         summary = import_pytorch_pickle(file, out, seed=seed, overwrite=overwrite, progress=progress)
     _report(summary)
 
@@ -95,6 +74,6 @@ def hpunet_png(
     """Import the LIDCv2 PNG crops, keeping the release's own train/val/test split."""
     from lidcseg.data.releases import import_hpunet_png
 
-    with _progress() as progress:
+    with stage_progress(disable=not console.is_terminal) as progress:  # no stray lines in pipes
         summary = import_hpunet_png(folder, out, overwrite=overwrite, progress=progress)
     _report(summary)

@@ -39,7 +39,7 @@ def main(
 
 app.command("phantom")(phantom.phantom)
 app.command("prepare")(prepare.prepare)
-app.command("train")(train.train)
+app.command("train", epilog=train.EPILOG)(train.train)
 app.command("sample")(sample.sample)
 app.command("evaluate")(evaluate.evaluate)
 app.command("ambiguity")(evaluate.ambiguity)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv
+from lidcseg_cli._common import console, one_line_errors, parse_csv, progress_bar
 
 
 @one_line_errors
@@ -27,8 +27,6 @@ def phantom(
 
     With neither --patients nor --count, three small annotated scans are written.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from lidcseg.errors import LidcsegError
     from lidcseg.lidc.phantom import choose_scans, make_phantom
 
@@ -40,14 +38,10 @@ def phantom(
         faults.setdefault(pid, []).append(name)
     chosen = parse_csv(patients)
     total = len(choose_scans(chosen, count, seed))
-    with Progress(
-        TextColumn("phantom"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(), console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("phantom", total=total, last="")
+    with progress_bar("phantom", "{task.fields[last]}", total=total, last="") as bar:
         written = make_phantom(
             out, patients=chosen, count=count, seed=seed, noise_hu=noise, faults=faults,
-            on_scan=lambda ph: progress.update(task, advance=1, last=ph.patient_id),
+            on_scan=lambda ph: bar.update(advance=1, last=ph.patient_id),
         )
     files = sum(p.n_files for p in written)
     console.print(f"wrote {len(written)} scans ({files} DICOM files) under {out}")

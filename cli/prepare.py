@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv
+from lidcseg_cli._common import console, one_line_errors, parse_csv, progress_bar
 
 
 @one_line_errors
@@ -26,8 +26,6 @@ def prepare(
 
     Resumable: run the same command again after an interruption and finished scans are kept.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from lidcseg.config import DataConfig
     from lidcseg.data.prepare import prepare as run
     from lidcseg.errors import LidcsegError
@@ -40,17 +38,12 @@ def prepare(
         raise LidcsegError(f"--split expects three integers like 722,144,144, got {split!r}")
     cfg = DataConfig(seed=seed, split_patients=sizes)  # type: ignore[arg-type]
     crops = {"n": 0}
-    with Progress(
-        TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("scans"),
-        TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[crops]} crops"), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("prepare", total=None, rate="", crops=0)
+    with progress_bar("prepare", "scans", "{task.fields[rate]}", "{task.fields[crops]} crops",
+                      rate="", crops=0) as bar:
 
         def on_scan(r, done: int, total: int) -> None:
             crops["n"] += r.n_crops
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, completed=done, total=total, crops=crops["n"], rate=f"{done / elapsed:.2f} scans/s")
+            bar.update(completed=done, total=total, crops=crops["n"], rate=f"{done / bar.elapsed:.2f} scans/s")
 
         manifest = run(
             lidc_root, out, cfg, patients=parse_csv(patients), workers=workers, strict=strict,

@@ -6,7 +6,37 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors
+from lidcseg_cli._common import console, one_line_errors, stage_progress
+
+
+def parse_triple(text: str, what: str) -> tuple[float, float, float]:
+    """``"x,y,z"`` -> three floats (spaces allowed); ``what`` names the option in the error."""
+    import math
+
+    from lidcseg.errors import LidcsegError
+
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise LidcsegError(f"{what} expects three numbers 'a,b,c', got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_slices(text: str) -> tuple[int, int]:
+    """``"a:b"`` -> (a, b), slice offsets from the centre slice, a <= b (``-2:2``)."""
+    from lidcseg.errors import LidcsegError
+
+    a, sep, b = str(text).partition(":")
+    try:
+        lo, hi = int(a), int(b)
+    except ValueError:
+        lo, hi, sep = 0, -1, ""
+    if not sep or lo > hi:
+        raise LidcsegError(f"--slices expects 'a:b' with integers a <= b (e.g. -2:2), got {text!r}")
+    return lo, hi
 
 
 @one_line_errors
@@ -54,21 +84,12 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
 ) -> None:
     """Sample segmentation hypotheses of lesions in a CT scan and paste them back into it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from lidcseg.sampling import parse_slices, parse_triple, sample_scan
+    from lidcseg.sampling import sample_scan
 
     points = [parse_triple(a, "--at") for a in at or []]
     voxels = [parse_triple(a, "--at-voxel") for a in at_voxel or []]
     rel = parse_slices(slices) if slices is not None else None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
-    task = progress.add_task("sample", total=1)
-
-    def on_progress(stage: str, done: int, total: int) -> None:
-        progress.update(task, description=stage, completed=done, total=total)
-
-    with progress:
+    with stage_progress() as on_progress:
         result = sample_scan(
             scan, run, out, at=points, at_voxel=voxels, lesions_mask=lesions, lidc=lidc, slices=rel,
             n=n, seed=seed, shared_eps=not independent, device=device, batch_size=batch_size,

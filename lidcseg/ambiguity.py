@@ -3,9 +3,10 @@
 For some crops the graders disagree on whether there is a lesion at all. A
 model that captures this ambiguity should disagree with itself in the same way.
 
-1. **Counts.** For every crop, ``n`` samples (16) are drawn once (seeded, as in
-   :mod:`lidcseg.evaluation`) and ``count`` = the number of samples that show a
-   lesion: at least ``min_pixels`` foreground pixels (default 1: non-empty).
+1. **Counts.** For every crop, ``n`` samples (16) are drawn once (seeded as in
+   ``lidcseg evaluate``: :func:`lidcseg.inference.draw_image_foreground`) and
+   ``count`` = the number of samples that show a lesion: at least
+   ``min_pixels`` foreground pixels (default 1: non-empty).
 2. **Truth.** A crop is *ambiguous* when its graders disagree on presence: some
    of its G = 4 masks (padded graders included, as in the paper) are empty and
    some are not. Otherwise it is *unambiguous*: all masks show a lesion, or
@@ -20,7 +21,7 @@ model that captures this ambiguity should disagree with itself in the same way.
 4. **Report.** Each model's accuracy and balanced accuracy on the test split with
    its own validation threshold (as Table 1), histograms of the counts per class
    (as Fig. 12, one panel per model), ``ambiguity.json``, ``ambiguity.md`` and
-   ``per_crop.csv``.
+   ``per_crop.csv`` (written by :func:`lidcseg.reports.ambiguity.write_ambiguity`).
 """
 
 from __future__ import annotations
@@ -33,22 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lidcseg.data.eval_split import EvalSplit, load_split, split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.evaluation import (
-    Progress,
-    iter_samples,
-    load_runs,
-    load_split,
-    split_file,
-    torch_threads,
-)
+from lidcseg.inference import draw_image_foreground, open_runs, require_input_size, torch_threads
+from lidcseg.progress import Progress
 
 #: Threshold selection criteria.
 CRITERIA: tuple[str, ...] = ("balanced", "accuracy")
-#: Columns of ``per_crop.csv``.
-CSV_COLUMNS: tuple[str, ...] = (
-    "run", "model", "split", "image", "patient", "graders_marking", "ambiguous", "count", "predicted",
-)
 
 
 def presence_ambiguous(masks: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -141,10 +133,9 @@ def choose_threshold(
     return ThresholdChoice(t, criterion, table[t]["accuracy"], table[t]["balanced_accuracy"])
 
 
-@torch.no_grad()
 def count_lesions(
     model: torch.nn.Module,
-    split: Any,
+    split: EvalSplit,
     n: int = 16,
     *,
     min_pixels: int = 1,
@@ -154,10 +145,16 @@ def count_lesions(
     progress: Progress | None = None,
     stage: str = "sample",
 ) -> np.ndarray:
-    """For every crop of ``split`` (:class:`~lidcseg.evaluation.EvalSplit`), how many of ``n``
-    samples show a lesion: (N,) int64."""
+    """For every crop of ``split``, how many of ``n`` samples show a lesion: (N,) int64.
+
+    The samples are drawn as in ``lidcseg evaluate``
+    (:func:`lidcseg.inference.draw_image_foreground`: per-image noise, else one
+    generator seeded with ``seed`` consumed batch by batch).
+    """
     out = np.empty(len(split), np.int64)
-    for s, e, samples in iter_samples(model, split, n, seed=seed, batch_size=batch_size, device=device):
+    gen = torch.Generator().manual_seed(int(seed))  # one per run, consumed batch by batch
+    for s, e, x in split.batches(batch_size, device):
+        samples = draw_image_foreground(model, x, n, split.rows[s:e], seed=seed, generator=gen)
         out[s:e] = lesion_counts(samples, min_pixels).cpu().numpy()
         if progress is not None:
             progress(stage, e, len(split))
@@ -166,14 +163,48 @@ def count_lesions(
 
 @dataclass
 class AmbiguityResult:
-    """One run: its threshold (chosen on validation) and its counts and scores on both splits."""
+    """One run: its threshold (chosen on validation), and per split its counts and predictions.
+
+    Attributes:
+        label, path, model: display name, run folder, registry name.
+        choice: the rule ``count < threshold`` chosen on the validation split.
+        counts: split name -> (N,) samples showing a lesion.
+        predicted: split name -> (N,) bool, the rule applied to ``counts``.
+        test: :func:`scores` on the test split.
+    """
 
     label: str
     path: str
     model: str
     choice: ThresholdChoice
     counts: dict[str, np.ndarray]
+    predicted: dict[str, np.ndarray]
     test: dict[str, float]
+
+
+@dataclass
+class Ambiguity:
+    """Everything ``lidcseg ambiguity`` computed (see :func:`ambiguity_runs`).
+
+    Attributes:
+        splits: split name -> its tiles (validation first, then test).
+        truth: split name -> (N,) bool, the graders disagree on presence.
+        marking: split name -> (N,) how many grader masks are non-empty.
+        results: one :class:`AmbiguityResult` per run, in the order given.
+        val_split, test_split: where the threshold is chosen, where it is scored.
+        n, min_pixels, criterion, seed: the settings.
+    """
+
+    splits: dict[str, EvalSplit]
+    truth: dict[str, np.ndarray]
+    marking: dict[str, np.ndarray]
+    results: list[AmbiguityResult]
+    val_split: str
+    test_split: str
+    n: int
+    min_pixels: int
+    criterion: str
+    seed: int
 
 
 def ambiguity_runs(
@@ -208,8 +239,10 @@ def ambiguity_runs(
         progress: ``progress(stage, done, total)``.
 
     Returns:
-        The JSON summary (also ``ambiguity.json``).
+        The JSON summary (also ``ambiguity.json``): :func:`lidcseg.reports.ambiguity.summary`.
     """
+    from lidcseg.reports.ambiguity import summary, write_ambiguity
+
     if criterion not in CRITERIA:
         raise LidcsegError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     if n < 1 or min_pixels < 1:
@@ -217,100 +250,26 @@ def ambiguity_runs(
     for name in (val_split, test_split):
         split_file(data_dir, name)
     with torch_threads(threads):
-        models = load_runs(runs, device)
-        splits = {name: load_split(data_dir, name, models[0].input_size, max_images, progress)
+        opened = open_runs(runs, device)
+        size = require_input_size(opened[0])
+        splits = {name: load_split(data_dir, name, size, max_images, progress)
                   for name in (val_split, test_split)}
         truth = {name: presence_ambiguous(s.masks) for name, s in splits.items()}
         results = []
-        for rm in models:
+        for run in opened:
             counts = {
-                name: count_lesions(rm.model, s, n, min_pixels=min_pixels, seed=seed,
-                                    batch_size=batch_size, device=rm.device, progress=progress,
-                                    stage=f"{rm.label} on {name}")
+                name: count_lesions(run.model, s, n, min_pixels=min_pixels, seed=seed,
+                                    batch_size=batch_size, device=run.device, progress=progress,
+                                    stage=f"{run.label} on {name}")
                 for name, s in splits.items()
             }
             choice = choose_threshold(counts[val_split], truth[val_split], n, criterion)
-            test = scores(predict_ambiguous(counts[test_split], choice.threshold), truth[test_split])
-            results.append(AmbiguityResult(rm.label, str(rm.path), rm.name, choice, counts, test))
-    info = _summary(results, splits, truth, val_split, test_split, n, min_pixels, criterion, seed)
+            predicted = {name: predict_ambiguous(c, choice.threshold) for name, c in counts.items()}
+            test = scores(predicted[test_split], truth[test_split])
+            results.append(AmbiguityResult(run.label, str(run.path), run.name, choice, counts, predicted, test))
+    marking = {name: graders_marking(s.masks) for name, s in splits.items()}
+    study = Ambiguity(splits, truth, marking, results, val_split, test_split, n, min_pixels, criterion, seed)
+    info = summary(study)
     if out is not None:
-        _write(Path(out), info, results, splits, truth, val_split, test_split, n)
+        write_ambiguity(study, out, info)
     return info
-
-
-def _summary(
-    results: list[AmbiguityResult], splits: dict[str, Any], truth: dict[str, np.ndarray],
-    val_split: str, test_split: str, n: int, min_pixels: int, criterion: str, seed: int,
-) -> dict[str, Any]:
-    return {
-        "format": "lidcseg-ambiguity",
-        "version": 1,
-        "rule": f"ambiguous iff fewer than t of {n} samples show a lesion (>= {min_pixels} px)",
-        "truth": "ambiguous iff some grader masks are empty and some are not",
-        "criterion": "balanced accuracy" if criterion == "balanced" else "accuracy",
-        "threshold_split": val_split,
-        "test_split": test_split,
-        "samples": n,
-        "min_pixels": min_pixels,
-        "seed": seed,
-        "crops": {name: {"total": len(s), "ambiguous": int(truth[name].sum())} for name, s in splits.items()},
-        "runs": [
-            {"label": r.label, "run": r.path, "model": r.model, "threshold": r.choice.threshold,
-             "val_accuracy": r.choice.accuracy, "val_balanced_accuracy": r.choice.balanced_accuracy,
-             "test": r.test}
-            for r in results
-        ],
-    }
-
-
-def _write(
-    out: Path, info: dict[str, Any], results: list[AmbiguityResult], splits: dict[str, Any],
-    truth: dict[str, np.ndarray], val_split: str, test_split: str, n: int,
-) -> None:
-    from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
-    from lidcseg.reports.plots import plot_presence_histograms
-    from lidcseg.reports.tables import fmt, markdown_table, write_csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "ambiguity.json", info)
-    rows = [[r["label"], r["model"], r["threshold"], fmt(r["val_balanced_accuracy"]),
-             fmt(r["test"]["accuracy"]), fmt(r["test"]["balanced_accuracy"]),
-             fmt(r["test"]["recall_ambiguous"]), fmt(r["test"]["recall_unambiguous"])]
-            for r in info["runs"]]
-    crops = info["crops"]
-    md = "\n".join([
-        "# Lesion-presence ambiguity detection (Appendix E, Table 1)",
-        "",
-        f"Rule: {info['rule']}; t chosen on `{val_split}` by {info['criterion']}. Truth: {info['truth']}. "
-        f"`{val_split}`: {crops[val_split]['ambiguous']}/{crops[val_split]['total']} ambiguous, "
-        f"`{test_split}`: {crops[test_split]['ambiguous']}/{crops[test_split]['total']} ambiguous.",
-        "",
-        markdown_table(["run", "model", "t", f"{val_split} bal. acc.", f"{test_split} accuracy",
-                        f"{test_split} bal. acc.", "recall ambiguous", "recall unambiguous"], rows),
-        "",
-    ])
-    write_bytes_atomic(out / "ambiguity.md", md.encode())
-    csv_rows = []
-    for r in results:
-        for name, s in splits.items():
-            present = graders_marking(s.masks)
-            pred = predict_ambiguous(r.counts[name], r.choice.threshold)
-            for i in range(len(s)):
-                csv_rows.append([r.label, r.model, name, int(s.rows[i]), s.patient[i], int(present[i]),
-                                 int(truth[name][i]), int(r.counts[name][i]), int(pred[i])])
-    write_csv(out / "per_crop.csv", CSV_COLUMNS, csv_rows)
-    t = truth[test_split]
-    panels = {
-        r.label: {
-            "ambiguous": r.counts[test_split][t],
-            "unambiguous": r.counts[test_split][~t],
-            "threshold": r.choice.threshold,
-            "subtitle": f"{test_split}: accuracy {fmt(r.test['accuracy'])}, "
-                        f"balanced {fmt(r.test['balanced_accuracy'])} (t = {r.choice.threshold})",
-        }
-        for r in results
-    }
-    plot_presence_histograms(
-        panels, n, out / "histograms.png",
-        title=f"Samples showing a lesion per {test_split} crop, ambiguous vs unambiguous (threshold from {val_split})",
-    )

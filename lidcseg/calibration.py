@@ -8,21 +8,21 @@ The metrics (the distance, Eq. 7 against the mixture, mode-wise frequencies of
 Fig. 5 and pixel-wise marginals) are :mod:`lidcseg.metrics.flips`.
 
 A model only needs ``sample(x, n, generator=None) -> (B, n, C, H, W)``
-logits with C = 24; :class:`FlipOracle` is a fake model that samples the true
-distribution (correlation ~ 1, small errors: the floor of each number at a
-finite sample count). :func:`validate_flip_task` is the validation ``lidcseg
-train`` runs on this task; :func:`calibrate_runs` is ``lidcseg calibration``.
+logits with C = 24 (drawn through :func:`lidcseg.inference.draw_labels`);
+:class:`FlipOracle` is a fake model that samples the true distribution
+(correlation ~ 1, small errors: the floor of each number at a finite sample
+count). :func:`calibrate_runs` is ``lidcseg calibration``; its report is
+:mod:`lidcseg.reports.calibration`. Training's validation on this task is
+:func:`lidcseg.training.validation.validate_flip_task`.
 Nothing here prints: progress goes to ``progress(stage, done, total)``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,14 @@ from lidcseg.flips import (
     flips_to_mode,
     mode_flips,
     mode_labels,
-    mode_name,
     mode_probabilities,
+)
+from lidcseg.inference import (
+    OpenRun,
+    draw_labels,
+    open_run,
+    torch_threads,
+    unique_labels,
 )
 from lidcseg.metrics.flips import (
     DEFAULT_COUNTS,
@@ -54,11 +60,13 @@ from lidcseg.metrics.flips import (
     CalibrationAccumulator,
     switch_counts,
 )
+from lidcseg.progress import Progress
+from lidcseg.reports.calibration import Examples, write_calibration
+from lidcseg.reports.examples import choose_examples
 
 #: Label of the oracle's row in the reports.
 ORACLE_LABEL = "oracle"
 
-Progress = Callable[[str, int, int], None]
 
 
 def posterior_switch_accuracy(
@@ -175,150 +183,28 @@ class FlipOracle(torch.nn.Module):
         return out.to(x.device)
 
 
-def draw_label_samples(
-    model: Any, x: torch.Tensor, n: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``n`` sampled label maps per image: (B, 3, H, W) -> (B, n, H, W) int64 (argmax of the logits).
-
-    Raises:
-        LidcsegError: the model returns another shape or not the task's 24 classes.
-    """
-    logits = model.sample(x, n, generator=generator)
-    if logits.ndim != 5 or logits.shape[:2] != (x.shape[0], n) or logits.shape[3:] != x.shape[2:]:
-        raise LidcsegError(f"{type(model).__name__}.sample returned shape {tuple(logits.shape)}, "
-                           f"expected ({x.shape[0]}, {n}, {NUM_CLASSES}, {x.shape[2]}, {x.shape[3]})")
-    if logits.shape[2] != NUM_CLASSES:
-        raise LidcsegError(f"the model predicts {logits.shape[2]} classes; the flip task has {NUM_CLASSES}")
-    return logits.argmax(dim=2)
-
-
-# -- validation during training ------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validate_flip_task(
-    model: Any,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    n_samples: int,
-    *,
-    device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
-    autocast: contextlib.AbstractContextManager[Any] | None = None,
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Validation of ``lidcseg train`` on the flip task: Eq. 7 at ``n_samples`` and calibration.
-
-    Args:
-        model: a harness model (``sample``), put in eval mode here.
-        batches: ``(images (b, 3, H, W), labels (b, H, W) un-flipped, ignore (b, H, W))``
-            (:meth:`lidcseg.data.scenes.SceneEvalDataset.batches`).
-        n_samples: samples per scene (the paper: 16).
-        device: where the model runs.
-        generator: the latent noise (seed it identically at every call to compare checkpoints).
-        autocast: e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``.
-        channels_last: feed the images channels-last.
-
-    Returns:
-        ``ged``, ``diversity`` (E d(S,S')), ``graders`` (E d(Y,Y') over the modes),
-        ``cross`` (E d(S,Y)), ``pixels_varying``, ``mode_r``, ``mode_mae``,
-        ``flip_mae``, ``crops``, ``samples``, ``time_s`` - the keys of the LIDC
-        validation plus the calibration numbers.
-    """
-    t0 = time.perf_counter()
-    if hasattr(model, "eval"):
-        model.eval()
-    acc = CalibrationAccumulator(counts=(n_samples,), samples=n_samples)
-    varying = 0.0
-    for images, labels, ignore in batches:
-        x = images.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            samples = draw_label_samples(model, x, n_samples, generator).cpu()
-        acc.update(samples, labels, ignore)
-        varying += float(((samples != samples[:, :1]).any(1) & ~ignore).flatten(1).float().mean(1).sum())
-    res = acc.result()
-    g = res["ged"][str(n_samples)]
-    return {"ged": g["mean"], "diversity": g["diversity"], "graders": g["modes"], "cross": g["cross"],
-            "pixels_varying": varying / max(acc.images, 1), "mode_r": res["modes"]["pearson_r"],
-            "mode_mae": res["modes"]["mae"], "flip_mae": res["pixels"]["mae"],
-            "crops": float(acc.images), "samples": float(n_samples), "time_s": time.perf_counter() - t0}
-
-
 # -- evaluating runs -----------------------------------------------------------------------------
 
 
-@dataclass
-class FlipModel:
-    """A model to calibrate.
-
-    Attributes:
-        label: display name (the run folder's name, or ``oracle``).
-        model: anything with ``sample(x, n, generator=None) -> (B, n, 24, H, W)``.
-        info: JSON-ready description (checkpoint, step, config).
-    """
-
-    label: str
-    model: Any
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def load_flip_model(run: str | Path, device: torch.device | str = "cpu") -> FlipModel:
-    """Load a ``lidcseg train`` run (``best/``, else ``last/``) or a checkpoint folder.
+def _open_flip_run(run: str | Path, device: torch.device) -> OpenRun:
+    """:func:`lidcseg.inference.open_run`, checked to be a flip-task model (3 input channels, 24 classes).
 
     Raises:
-        LidcsegError: not a run or checkpoint, or a model that is not of the
-            flip task (24 classes, 3 input channels).
+        LidcsegError: not a run or checkpoint, or a model of another task.
     """
-    from lidcseg.models.checkpoint import CONFIG_FILE, checkpoint_dir, load_checkpoint
-
-    path = Path(run)
-    if not path.exists():
-        raise LidcsegError("run directory or checkpoint not found", path)
-    folder = checkpoint_dir(path)
-    if not _is_checkpoint(folder / CONFIG_FILE):
-        for name in ("best", "last"):
-            if _is_checkpoint(folder / name / CONFIG_FILE):
-                folder = folder / name
-                break
-        else:
-            raise LidcsegError("not a run directory (no best/ or last/ checkpoint) nor a checkpoint", path)
-    ckpt = load_checkpoint(folder, device=device)
-    cfg = ckpt.config
+    opened = open_run(run, device)
+    cfg = opened.config
     if cfg.num_classes != NUM_CLASSES or cfg.in_channels != 3:
         raise LidcsegError(f"model has {cfg.in_channels} input channels and {cfg.num_classes} classes; "
-                           f"the flip task needs 3 and {NUM_CLASSES}", folder)
-    label = (path.parent.name if path.name in ("best", "last") else path.name) or str(path)
-    info = {"checkpoint": str(folder), "name": cfg.name, "step": ckpt.meta.get("step"),
-            "val": ckpt.meta.get("val"), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
-    return FlipModel(label, ckpt.model, info)
+                           f"the flip task needs 3 and {NUM_CLASSES}", opened.checkpoint)
+    return opened
 
 
-def _is_checkpoint(path: Path) -> bool:
-    import json
-
-    try:
-        return json.loads(path.read_text()).get("format") == "lidcseg-checkpoint"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@dataclass
-class Examples:
-    """Scenes kept for the figure.
-
-    Attributes:
-        rows: row of each scene in the split file.
-        images: (k, 3, H, W) uint8 RGB.
-        labels: (k, H, W) int64 un-flipped; ignore: (k, H, W) bool.
-        samples: run label -> (k, n, H, W) int64 sampled label maps.
-    """
-
-    rows: list[int]
-    images: np.ndarray
-    labels: np.ndarray
-    ignore: np.ndarray
-    samples: dict[str, np.ndarray] = field(default_factory=dict)
+def _run_info(run: OpenRun) -> dict[str, Any]:
+    """The JSON description of a calibrated run: checkpoint, name, step, validation, config."""
+    cfg = run.config
+    return {"checkpoint": str(run.checkpoint), "name": cfg.name, "step": run.info["step"],
+            "val": run.info["val"], "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
 
 
 def calibrate_model(
@@ -369,7 +255,8 @@ def calibrate_model(
         e = min(s + batch_size, n_img)
         x = images[s:e]
         x = normalize_rgb(x) if x.dtype == torch.uint8 else x
-        draws = draw_label_samples(model, x.to(device), acc.n_draw, gen).cpu()
+        draws = draw_labels(model, x.to(device), acc.n_draw, generator=gen, classes=NUM_CLASSES,
+                            task="the flip task").cpu()
         acc.update(draws, labels[s:e].to(torch.int64), ignore[s:e])
         for i in range(s, e):
             if i in keep_set:
@@ -381,15 +268,15 @@ def calibrate_model(
     return result, kept
 
 
-def choose_examples(labels: torch.Tensor, ignore: torch.Tensor, k: int) -> list[int]:
-    """``k`` scenes for the figure: evenly spaced among those with all five classes present."""
-    if k <= 0:
-        return []
+def _example_pool(labels: torch.Tensor, ignore: torch.Tensor) -> np.ndarray:
+    """Candidates for the figure: scenes with all five switchable classes present (else every scene).
+
+    Args:
+        labels: (N, H, W) un-flipped trainIds; ignore: (N, H, W) bool.
+    """
     present = torch.stack([((labels == sw.original) & ~ignore).flatten(1).any(1) for sw in SWITCHES], 1)
     full = torch.nonzero(present.all(1)).flatten().numpy()
-    pool = full if full.size else np.arange(labels.shape[0])
-    idx = np.unique(np.linspace(0, pool.size - 1, min(k, pool.size)).round().astype(int))
-    return [int(pool[i]) for i in idx]
+    return full if full.size else np.arange(labels.shape[0])
 
 
 def calibrate_runs(
@@ -429,7 +316,6 @@ def calibrate_runs(
             task, a missing split, a run that is not a flip-task model.
     """
     from lidcseg.data.scenes import SceneEvalDataset, read_manifest, split_path
-    from lidcseg.evaluation import torch_threads
 
     if not runs and not oracle:
         raise LidcsegError("no run given (--run RUN, or --oracle)")
@@ -440,34 +326,36 @@ def calibrate_runs(
     dev = resolve_device(device)
     t0 = time.perf_counter()
     with torch_threads(threads):
-        models = [load_flip_model(r, dev) for r in runs]
-        _unique_labels(models)
+        opened = [_open_flip_run(r, dev) for r in runs]
+        # (label, model, info) per row of the report
+        models = [(label, r.model, _run_info(r))
+                  for r, label in zip(opened, unique_labels([r.label for r in opened]), strict=True)]
         raw_images, raw_labels = ds.arrays()  # uint8: 6x less memory than float inputs
         images, labels = torch.from_numpy(raw_images), torch.from_numpy(raw_labels)
         ignore = labels == IGNORE_INDEX
         if oracle:
-            models.append(FlipModel(ORACLE_LABEL, FlipOracle(images, labels),
-                                    {"name": "oracle", "note": "samples the true flip distribution"}))
-        keep = choose_examples(labels, ignore, examples)
+            models.append((ORACLE_LABEL, FlipOracle(images, labels),
+                           {"name": "oracle", "note": "samples the true flip distribution"}))
+        keep = choose_examples(examples, [_example_pool(labels, ignore)], spread=True)
         ex = Examples([int(ds.indices[i]) for i in keep], raw_images[keep],
                       labels[keep].masked_fill(ignore[keep], 0).long().numpy(), ignore[keep].numpy())
         results = []
-        for j, m in enumerate(models):
+        for j, (label, model, info) in enumerate(models):
             t_run = time.perf_counter()
             res, kept = calibrate_model(
-                m.model, images, labels, ignore, counts=counts, samples=samples, seed=seed,
+                model, images, labels, ignore, counts=counts, samples=samples, seed=seed,
                 batch_size=batch_size, device=dev, min_pixels=min_pixels, keep=keep,
-                progress=progress, stage=f"{m.label} ({j + 1}/{len(models)})")
+                progress=progress, stage=f"{label} ({j + 1}/{len(models)})")
             if keep:
-                ex.samples[m.label] = np.stack([kept[i] for i in keep])
-            if posterior_scenes > 0 and hasattr(m.model, "reconstruct"):
+                ex.samples[label] = np.stack([kept[i] for i in keep])
+            if posterior_scenes > 0 and hasattr(model, "reconstruct"):
                 if progress is not None:
-                    progress(f"{m.label}: posterior", 0, 1)
+                    progress(f"{label}: posterior", 0, 1)
                 k = min(posterior_scenes, images.shape[0])
                 res["posterior"] = posterior_switch_accuracy(
-                    m.model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
+                    model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
                     min_pixels=min_pixels)
-            results.append({"label": m.label, "info": m.info, **res,
+            results.append({"label": label, "info": info, **res,
                             "time_s": time.perf_counter() - t_run})
     report = {
         "data": {"dir": str(Path(data_dir).resolve()), "split": split, "source": manifest.get("source"),
@@ -485,115 +373,3 @@ def calibrate_runs(
     }
     write_calibration(report, ex, out)
     return report
-
-
-def _unique_labels(models: list[FlipModel]) -> None:
-    seen: dict[str, int] = {}
-    for m in models:
-        seen[m.label] = seen.get(m.label, 0) + 1
-        if seen[m.label] > 1:
-            m.label = f"{m.label}#{seen[m.label]}"
-
-
-# -- the report -----------------------------------------------------------------------------------
-
-
-def markdown_report(report: Mapping[str, Any]) -> str:
-    """The report as markdown: GED table with the paper's Table 2, modes, marginals."""
-    from lidcseg.reports.tables import fmt, markdown_table
-
-    d, runs = report["data"], report["runs"]
-    counts = report["settings"]["counts"]
-    lines = [
-        "# Calibration on the flip task (Kohl et al. 2018, Section 4.2, Appendix C)",
-        "",
-        f"Data: {d['source']} `{d['split']}` split, {d['scenes']} scenes of {d['height']}x{d['width']}. "
-        f"Samples per scene: {report['settings']['samples']} (modes and marginals); "
-        f"seed {report['settings']['seed']}.",
-        "",
-        "## GED against the exact 32-mode mixture (Eq. 7)",
-        "",
-        "d = 1 - mean IoU over the 10 switchable classes present; V-statistic for E[d(S,S')]. "
-        "Mean over scenes (± s.e.m.).",
-        "",
-    ]
-    headers = ["model", *[f"GED@{n}" for n in counts]]
-    rows = [[r["label"], *[f"{fmt(r['ged'][str(n)]['mean'])} ± {fmt(r['ged'][str(n)]['sem'])}"
-                           for n in counts]] for r in runs]
-    rows.append(["paper Prob. U-Net (Table 2)", *[fmt(PAPER_GED.get(n)) if n in PAPER_GED else "–"
-                                                   for n in counts]])
-    lines += [markdown_table(headers, rows), ""]
-    lines += ["## Mode-wise frequencies (Fig. 5)", "",
-              "Each sample matched to its closest mode by d; scenes with all five switchable classes "
-              "present only.", ""]
-    rows = [[r["label"], r["modes"]["scenes"], r["modes"]["matched_samples"],
-             fmt(r["modes"]["pearson_r"]), fmt(r["modes"]["mae"], 4), fmt(r["modes"]["max_abs_error"], 4)]
-            for r in runs]
-    lines += [markdown_table(["model", "scenes", "samples", "Pearson r", "MAE", "max |error|"], rows), ""]
-    mode_rows = []
-    for k in np.argsort(-np.asarray(report["protocol"]["mode_probabilities"]), kind="stable"):
-        row = runs[0]["modes"]["per_mode"][k] if runs else None
-        mode_rows.append([int(k), row["flipped"] if row else mode_name(int(k)),
-                          f"{100 * report['protocol']['mode_probabilities'][k]:.2f}%",
-                          *[f"{100 * r['modes']['per_mode'][k]['frequency']:.2f}%" for r in runs]])
-    lines += [markdown_table(["mode", "flipped", "true", *[r["label"] for r in runs]], mode_rows), ""]
-    lines += ["## Pixel-wise marginals p(twin | original class) (Figs. 8-10)", ""]
-    headers = ["class", "truth", *[r["label"] for r in runs]]
-    rows = []
-    for i, sw in enumerate(SWITCHES):
-        rows.append([f"{sw.name} → {sw.name} 2", f"{sw.probability:.3f}",
-                     *[fmt(r["pixels"]["per_class"][i]["p_twin"]) for r in runs]])
-    rows.append(["mean abs error", "", *[fmt(r["pixels"]["mae"], 4) for r in runs]])
-    lines += [markdown_table(headers, rows), ""]
-    with_post = [r for r in runs if r.get("posterior")]
-    if with_post:
-        lines += ["## Which flips the posterior encodes", "",
-                  "Share of (scene, mode) pairs where the posterior-mean reconstruction S(X, mu_post(X, Y_k)) "
-                  "gets the switch right (0.5: not encoded, so the prior's samples cannot be calibrated "
-                  f"for it); first {report['settings'].get('posterior_scenes')} scenes, all 32 modes.", ""]
-        rows = [[sw.name, *[fmt(r["posterior"]["per_switch"][i]["accuracy"]) for r in with_post]]
-                for i, sw in enumerate(SWITCHES)]
-        rows.append(["all five right", *[fmt(r["posterior"]["all_right"]) for r in with_post]])
-        lines += [markdown_table(["switch", *[r["label"] for r in with_post]], rows), ""]
-    lines += ["Figures: `ged.png`, `modes.png`, `marginals.png`, `examples.png`.", ""]
-    return "\n".join(lines)
-
-
-def write_calibration(report: Mapping[str, Any], examples: Examples | None, out: str | Path) -> list[Path]:
-    """Write ``calibration.json``, ``calibration.md`` and the figures into ``out``."""
-    from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
-    from lidcseg.reports import calibration_plots as plots
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = report["runs"]
-    truth = np.asarray(report["protocol"]["mode_probabilities"])
-    written = [out / "calibration.json", out / "calibration.md"]
-    write_json_atomic(written[0], _json_safe(report))
-    write_bytes_atomic(written[1], markdown_report(report).encode())
-    counts = report["settings"]["counts"]
-    written.append(plots.plot_ged(
-        counts, {r["label"]: [r["ged"][str(n)]["mean"] for n in counts] for r in runs},
-        {r["label"]: [r["ged"][str(n)]["sem"] for n in counts] for r in runs}, PAPER_GED,
-        out / "ged.png"))
-    written.append(plots.plot_mode_frequencies(
-        truth, {r["label"]: np.asarray([m["frequency"] for m in r["modes"]["per_mode"]]) for r in runs},
-        {r["label"]: (r["modes"]["pearson_r"], r["modes"]["mae"]) for r in runs}, out / "modes.png"))
-    written.append(plots.plot_pixel_marginals(
-        [s.name for s in SWITCHES], FLIP_PROBS,
-        {r["label"]: np.asarray([p["p_twin"] for p in r["pixels"]["per_class"]]) for r in runs},
-        out / "marginals.png"))
-    if examples is not None and examples.rows and examples.samples:
-        written.append(plots.plot_flip_examples(examples, out / "examples.png"))
-    return written
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, recursively (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,15 +76,19 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str | Path | None =
     return cls(**kwargs)  # type: ignore[call-arg]
 
 
-def load_json(cls: type[T], path: str | Path) -> T:
-    """Load a config dataclass from a JSON file."""
-    path = Path(path)
+def _read_json(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise LidcsegError("config file not found", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LidcsegError(f"not valid JSON ({e})", path) from None
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    """Load a config dataclass from a JSON file."""
+    path = Path(path)
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise LidcsegError("config must be a JSON object", path)
     return from_dict(cls, data, source=path)
@@ -94,7 +99,7 @@ class ModelConfig:
     """Architecture of every model in the harness (owned by ``lidcseg.models``).
 
     Attributes:
-        name: registry name (``lidcseg.models.MODEL_NAMES``: ``probunet``, the ablations, the baselines).
+        name: model name (:data:`MODEL_SUMMARIES`: ``probunet``, the ablations, the baselines).
         in_channels: image channels (1 for CT).
         num_classes: C output classes (2 for LIDC).
         base_channels: channels of the first U-Net block, doubled at each down-sampling (paper: 32).
@@ -143,17 +148,8 @@ class ModelConfig:
     head_epsilon: float = 0.05
 
     def __post_init__(self) -> None:
-        positive = (
-            "in_channels",
-            "base_channels",
-            "num_scales",
-            "convs_per_block",
-            "latent_dim",
-            "fcomb_channels",
-            "fcomb_layers",
-            "ensemble_size",
-            "num_heads",
-        )
+        positive = ("in_channels", "base_channels", "num_scales", "convs_per_block", "latent_dim",
+                    "fcomb_channels", "fcomb_layers", "ensemble_size", "num_heads")
         for field in positive:
             if getattr(self, field) < 1:
                 raise LidcsegError(f"ModelConfig.{field} must be >= 1, got {getattr(self, field)}")
@@ -164,15 +160,27 @@ class ModelConfig:
         if self.prior not in ("learned", "fixed"):
             raise LidcsegError(f"ModelConfig.prior must be 'learned' or 'fixed', got {self.prior!r}")
         if self.injection not in ("late", "early"):
-            raise LidcsegError(
-                f"ModelConfig.injection must be 'late' or 'early', got {self.injection!r}"
-            )
+            raise LidcsegError(f"ModelConfig.injection must be 'late' or 'early', got {self.injection!r}")
         if not 0 <= self.dropout < 1:
             raise LidcsegError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.head_epsilon <= 1:
-            raise LidcsegError(
-                f"ModelConfig.head_epsilon must be in [0, 1], got {self.head_epsilon}"
-            )
+            raise LidcsegError(f"ModelConfig.head_epsilon must be in [0, 1], got {self.head_epsilon}")
+
+
+#: Every model name (``ModelConfig.name``, ``lidcseg train --model``) with its one-line
+#: summary; torch-free, so that ``--help`` lists them. :data:`lidcseg.models.registry.MODEL_SPECS`
+#: gives each its class, the options it implies and its own defaults.
+MODEL_SUMMARIES: dict[str, str] = {
+    "probunet": "Probabilistic U-Net (Fig. 1, Eq. 1-4)",
+    "fixed-prior": "Prob. U-Net with a fixed N(0, I) prior (Appendix D)",
+    "fixed-prior-no-context": "fixed N(0, I) prior and a posterior Q(z|Y) that sees the mask only (Appendix D)",
+    "early-injection": "Prob. U-Net with z concatenated to the input image (Appendix D)",
+    "dropout-unet": "U-Net with dropout (p = 0.5) in its 3 innermost encoder/decoder blocks (Fig. 2a)",
+    "unet": "deterministic U-Net: a 1-member unet-ensemble",
+    "unet-ensemble": "M independently initialised U-Nets (Fig. 2b)",
+    "m-heads": "one U-Net with M output heads (Fig. 2c)",
+    "i2i-vae": "Image2Image VAE: fixed prior, posterior Q(z|Y), z at the input (Fig. 2d)",
+}
 
 
 @dataclass(frozen=True)
@@ -301,10 +309,9 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "cpu-quick": (
         ModelConfig(base_channels=16, num_scales=4, fcomb_channels=16),
         TrainConfig(
-            steps=300, batch_size=16, lr=1e-3, lr_final=1e-4, lr_decay_steps=2,
-            weight_decay=0.0, input_size=64, aug_max_shift=16, kl_free_bits=0.5, num_workers=0,
-            log_every=5, val_every=50, val_samples=16, val_max_crops=32,
-            checkpoint_every=50, threads=1,
+            steps=300, batch_size=16, lr=1e-3, lr_final=1e-4, lr_decay_steps=2, weight_decay=0.0,
+            input_size=64, aug_max_shift=16, kl_free_bits=0.5, num_workers=0, log_every=5,
+            val_every=50, val_samples=16, val_max_crops=32, checkpoint_every=50, threads=1,
         ),
     ),
     # The flip task (Section 4.2): RGB in, 19 Cityscapes classes + 5 flipped ones out.
@@ -322,16 +329,12 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     #   made no difference. Paper-like in every other respect: beta 1, no free bits.
     "cityscapes": (
         ModelConfig(in_channels=3, num_classes=24, num_scales=6),
-        TrainConfig(
-            steps=240_000, batch_size=16, val_every=2000, val_samples=16, val_max_crops=100,
-            checkpoint_every=2000,
-        ),
+        TrainConfig(steps=240_000, batch_size=16, val_every=2000, val_samples=16, val_max_crops=100,
+                    checkpoint_every=2000),
     ),
     "scenes-quick": (
-        ModelConfig(
-            in_channels=3, num_classes=24, base_channels=8, num_scales=4, convs_per_block=2,
-            latent_dim=6, fcomb_channels=32,
-        ),
+        ModelConfig(in_channels=3, num_classes=24, base_channels=8, num_scales=4, convs_per_block=2,
+                    latent_dim=6, fcomb_channels=32),
         TrainConfig(
             steps=6000, batch_size=8, lr=1e-3, lr_final=1e-4, lr_decay_steps=2, num_workers=0,
             log_every=20, val_every=500, val_samples=16, val_max_crops=32, val_batch_size=8,
@@ -344,6 +347,14 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
 #: task from DATA/manifest.json, so ``--preset cpu-quick`` on flip scenes is ``scenes-quick``.
 TASK_PRESET_NAMES: dict[str, dict[str, str]] = {
     "flip-scenes": {"paper": "cityscapes", "cpu-quick": "scenes-quick"},
+}
+
+#: One line per preset, for ``lidcseg train --help``.
+PRESET_SUMMARIES: dict[str, str] = {
+    "paper": "the paper's LIDC protocol (Appendix H.1), 240k steps",
+    "cpu-quick": "about 5 minutes on 2 CPU cores: 300 steps, 64 x 64 tiles",
+    "cityscapes": "the paper's flip task (Section 4.2) at 256 x 512",
+    "scenes-quick": "32 x 64 synthetic flip-task scenes on one CPU thread",
 }
 
 
@@ -368,9 +379,8 @@ def override(cfg: T, values: dict[str, Any], *, source: str | Path | None = None
     return from_dict(type(cfg), json.loads(json.dumps(merged)), source=source)
 
 
-def apply_overrides(
-    model: ModelConfig, train: TrainConfig, pairs: list[str] | tuple[str, ...]
-) -> tuple[ModelConfig, TrainConfig]:
+def apply_overrides(model: ModelConfig, train: TrainConfig,
+                    pairs: list[str] | tuple[str, ...]) -> tuple[ModelConfig, TrainConfig]:
     """Apply ``key=value`` overrides (the CLI's ``--set``) to a model and a training config.
 
     ``key`` is a field name of either config (``lr``, ``base_channels``) or a
@@ -424,31 +434,65 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
             return tuple(value)
         return raw
     except ValueError:
-        raise LidcsegError(
-            f"--set {key}: cannot read {raw!r} as {type(current).__name__}"
-        ) from None
+        raise LidcsegError(f"--set {key}: cannot read {raw!r} as {type(current).__name__}") from None
 
 
-def apply_config_file(
-    model: ModelConfig, train: TrainConfig, path: str | Path
-) -> tuple[ModelConfig, TrainConfig]:
+def apply_config_file(model: ModelConfig, train: TrainConfig,
+                      path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     """Apply a JSON file ``{"model": {...}, "train": {...}}`` (either part optional) on top.
 
     A run's own ``config.json`` is accepted too (its other keys are ignored).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LidcsegError("config file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LidcsegError(f"not valid JSON ({e})", path) from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not ({"model", "train"} & set(data)):
         raise LidcsegError('expected a JSON object with "model" and/or "train"', path)
     for part in ("model", "train"):
         if part in data and not isinstance(data[part], dict):
             raise LidcsegError(f'"{part}" must be a JSON object', path)
-    return (
-        override(model, data.get("model", {}), source=path),
-        override(train, data.get("train", {}), source=path),
-    )
+    return (override(model, data.get("model", {}), source=path),
+            override(train, data.get("train", {}), source=path))
+
+
+def compose(
+    preset_name: str | None = None,
+    *,
+    model_defaults: Callable[[str, ModelConfig], ModelConfig],
+    task: str = "lidc",
+    model: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    steps: int | None = None,
+    device: str | None = None,
+    saved: Callable[[], tuple[ModelConfig, TrainConfig]] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, training) configs of a run, from its sources in order; a later one wins.
+
+    1. The base: the preset ``preset_name`` (default ``paper``) read for ``task``
+       (:func:`preset`); but when resuming (``saved`` given) with neither ``preset_name``
+       nor ``config_file``, the run's own saved configs ``saved()``.
+    2. ``model``: ``model_defaults(model, base)``, the name with the options it implies and
+       its own defaults (:func:`lidcseg.models.registry.model_config`; ``i2i-vae``: beta 10, N = 3).
+    3. ``config_file``: JSON ``{"model": {...}, "train": {...}}`` (:func:`apply_config_file`).
+    4. ``overrides``, then ``steps`` and ``device``: ``key=value`` pairs (:func:`apply_overrides`).
+
+    Raises:
+        LidcsegError: an unknown preset or model (listing the valid names), a bad file or override.
+    """
+    if saved is not None and preset_name is None and config_file is None:
+        model_cfg, train_cfg = saved()
+    else:
+        model_cfg, train_cfg = preset(preset_name or "paper", task=task)
+    if model is not None:
+        model_cfg = model_defaults(model, model_cfg)
+    if config_file is not None:
+        model_cfg, train_cfg = apply_config_file(model_cfg, train_cfg, config_file)
+    extra = list(overrides)
+    if steps is not None:
+        extra.append(f"train.steps={steps}")
+    if device is not None:
+        extra.append(f"train.device={device}")
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, extra)
+    if model_cfg.name not in MODEL_SUMMARIES:
+        raise LidcsegError(f"unknown model {model_cfg.name!r}; valid names: {', '.join(MODEL_SUMMARIES)}")
+    return model_cfg, train_cfg

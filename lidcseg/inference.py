@@ -332,10 +332,21 @@ def foreground_of(logits: torch.Tensor) -> torch.Tensor:
 
 def draw_labels(
     model: Any, x: torch.Tensor, n: int, *, generator: torch.Generator | None = None,
-    eps: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None, classes: int | None = None, task: str = "the task",
 ) -> torch.Tensor:
-    """``n`` label maps per image: (B, C_in, H, W) -> (B, n, H, W) int64 (:func:`labels_of`)."""
-    return labels_of(draw_logits(model, x, n, generator=generator, eps=eps))
+    """``n`` label maps per image: (B, C_in, H, W) -> (B, n, H, W) int64 (:func:`labels_of`).
+
+    Args:
+        classes: the number of classes C the model must predict (None: any).
+        task: how the error names what expects ``classes`` (e.g. ``"the flip task"``).
+
+    Raises:
+        LidcsegError: the model returns another shape, or another number of classes.
+    """
+    logits = draw_logits(model, x, n, generator=generator, eps=eps)
+    if classes is not None and logits.shape[2] != classes:
+        raise LidcsegError(f"the model predicts {logits.shape[2]} classes; {task} has {classes}")
+    return labels_of(logits)
 
 
 def draw_foreground(

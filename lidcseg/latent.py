@@ -10,7 +10,8 @@ A plane of two latent dimensions (a, b) is sampled on a ``size`` x ``size`` grid
 
 so u in [-extent, extent]^2 (default extent 3: +-3 sigma; the 4-sigma circle
 then shows only in the corners). Each z is decoded with f_comb on the U-Net's
-features of X (Eq. 2; the U-Net runs once) into a mask (argmax class != 0).
+features of X (Eq. 2; the U-Net runs once) into a mask (argmax class != 0,
+:func:`lidcseg.inference.foreground_of`).
 The graders' posterior means mu_post(X, Y_g) (the posterior net of Eq. 4 on
 each grader mask Y_g, padded empty ones included) are drawn in the same units,
 u_g = (mu_post - mu_prior) / sigma_prior, with circles at 1 to 4 sigma.
@@ -28,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lidcseg.data.eval_split import split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.evaluation import split_file
+from lidcseg.inference import foreground_of
 
 #: Grid side of Fig. 6.
 DEFAULT_GRID = 19
@@ -109,7 +111,6 @@ def decode_grid(
     Returns:
         :class:`LatentGrid`.
     """
-
     n_latent = check_latent_model(model)
     if size < 2 or extent <= 0:
         raise LidcsegError(f"need a grid of >= 2 points and extent > 0, got {size}, {extent}")
@@ -122,7 +123,7 @@ def decode_grid(
     z[:, a] = mu[0, a] + sigma[0, a] * uu_col.reshape(-1).to(mu.device)
     z[:, b] = mu[0, b] + sigma[0, b] * uu_row.reshape(-1).to(mu.device)
     logits = model.decode(image, z[None])  # (1, S*S, C, T, T)
-    masks = (logits[0].argmax(1) != 0).reshape(size, size, *image.shape[-2:])
+    masks = foreground_of(logits)[0].reshape(size, size, *image.shape[-2:])
     g = graders.shape[0]
     y = graders.to(image.device).long()  # (G, T, T)
     x = image.expand(g, -1, -1, -1)
@@ -161,25 +162,25 @@ def latent_figure(
             bad ``dims``, an index outside the split.
     """
     from lidcseg.data.dataset import CropEvalDataset
+    from lidcseg.inference import open_run, require_input_size
     from lidcseg.reports.plots import plot_latent_grid
-    from lidcseg.sampling import load_for_sampling
 
     path = split_file(data_dir, split)
-    loaded = load_for_sampling(run, device)
-    n_latent = check_latent_model(loaded.model, run)
+    opened = open_run(run, device)
+    input_size = require_input_size(opened)
+    n_latent = check_latent_model(opened.model, run)
     plane = parse_dims(dims, n_latent)
-    ds = CropEvalDataset(path, input_size=loaded.input_size)
+    ds = CropEvalDataset(path, input_size=input_size)
     if not 0 <= index < len(ds):
         raise LidcsegError(f"--index {index} outside the split's {len(ds)} crops (0..{len(ds) - 1})", path)
     item = ds[index]
-    image = item["image"][None].to(loaded.device)
+    image = item["image"][None].to(opened.device)
     graders = item["masks"].bool()
-    grid = decode_grid(loaded.model, image, graders, plane, size, extent)
+    grid = decode_grid(opened.model, image, graders, plane, size, extent)
     patient = ds.store.meta["patient_id"][index]
-    label = Path(run).parent.name if Path(run).name in ("best", "last") else Path(run).name
     sigmas = ", ".join(f"{s:.2g}" for s in grid.sigma_prior[list(plane)])
     others = f"; other {n_latent - 2} dims at the prior mean" if n_latent > 2 else ""
-    title = (f"{label}: crop {index} ({patient}, {split}), masks decoded on a {size}×{size} grid\n"
+    title = (f"{opened.label}: crop {index} ({patient}, {split}), masks decoded on a {size}×{size} grid\n"
              f"z = μ_prior + σ_prior·u in latent dims {plane[0]},{plane[1]} (σ_prior = {sigmas}){others}")
     png = plot_latent_grid(
         image[0, 0].cpu().numpy(), graders.numpy(), grid.masks, grid.u, grid.posterior_u, out,

@@ -1,9 +1,14 @@
-"""Losses as pure functions: cross-entropy, KL of diagonal Gaussians, the ELBO (Eq. 4), M-Heads.
+"""Loss terms as pure functions: cross-entropy, KL of diagonal Gaussians, the ELBO's terms (Eq. 4), M-Heads.
+
+These are pure functions; the trainer weights them: it owns beta. A model's
+``loss`` returns the terms (``rec``, and ``kl``/``kl_per_dim`` for latent
+models) and :func:`lidcseg.training.schedule.objective` builds
+``rec + beta_t * KL`` from them, with the beta schedule and free bits.
 
 Reduction convention (every model of the harness follows it): the
 cross-entropy is **summed over the pixels of an image and averaged over the
 batch**, and the KL is summed over latent dimensions and averaged over the
-batch. The loss of a batch is therefore the mean per-image loss, and beta
+batch. Each term of a batch is therefore the mean per-image term, and beta
 never depends on the batch size (the public PyTorch port summed the
 reconstruction term over the batch, which silently turned beta into beta/B).
 """
@@ -56,21 +61,21 @@ def kl_diag_gaussians(
     return 0.5 * (var_ratio + mean_term - 1.0) - (logsigma_q - logsigma_p)
 
 
-def elbo_loss(
+def elbo_terms(
     logits: torch.Tensor,
     target: torch.Tensor,
     mu_q: torch.Tensor,
     logsigma_q: torch.Tensor,
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
-    beta: float,
     ignore: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The Probabilistic U-Net's training loss (Kohl et al. 2018, Eq. 4).
+    """The two terms of the Probabilistic U-Net's training loss (Kohl et al. 2018, Eq. 4).
 
     L = E_{z~Q(.|Y,X)}[-log P_c(Y | S(X, z))] + beta * KL(Q(z|Y,X) || P(z|X)),
     with the expectation estimated by one reparameterised posterior sample
-    (``logits`` are the network's output for that sample).
+    (``logits`` are the network's output for that sample). beta is the
+    trainer's (:func:`lidcseg.training.schedule.objective`).
 
     The cross-entropy is SUMMED over pixels per image, then AVERAGED over the
     batch; the KL is summed over latent dimensions and averaged over the batch.
@@ -81,22 +86,16 @@ def elbo_loss(
         target: (B, H, W) int64 labels.
         mu_q, logsigma_q: (B, N) posterior mean and log sigma.
         mu_p, logsigma_p: (B, N) prior mean and log sigma.
-        beta: weight of the KL term.
         ignore: (B, H, W) bool, True for pixels excluded from the cross-entropy.
 
     Returns:
-        ``loss`` (scalar, rec + beta * kl), ``rec`` (scalar), ``kl`` (scalar),
-        ``kl_per_dim`` (N,) batch-mean KL of each latent dimension (detached).
+        ``rec`` (scalar, the cross-entropy term), ``kl`` (scalar), ``kl_per_dim``
+        (N,) batch-mean KL of each latent dimension (detached).
     """
     rec = pixel_cross_entropy(logits, target, ignore).mean()
     kl_bn = kl_diag_gaussians(mu_q, logsigma_q, mu_p, logsigma_p)  # (B, N)
     kl = kl_bn.sum(1).mean()
-    return {
-        "loss": rec + beta * kl,
-        "rec": rec,
-        "kl": kl,
-        "kl_per_dim": kl_bn.detach().mean(0),
-    }
+    return {"rec": rec, "kl": kl, "kl_per_dim": kl_bn.detach().mean(0)}
 
 
 def m_heads_weights(ce: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -141,7 +140,7 @@ def m_heads_loss(
         ignore: (B, H, W) bool, True for pixels excluded from the cross-entropy.
 
     Returns:
-        ``loss`` (scalar), ``rec`` (the same weighted cross-entropy), ``rec_best``
+        ``rec`` (scalar, the weighted cross-entropy: the whole loss), ``rec_best``
         (batch mean of the best head's CE, detached) and ``best_head`` ((M,) share
         of the batch's images on which each head was the best, detached).
     """
@@ -155,11 +154,10 @@ def m_heads_loss(
         ce = ce.masked_fill(ignore[:, None], 0.0)
     ce = ce.flatten(2).sum(2)  # (B, M)
     weights = m_heads_weights(ce, epsilon)
-    loss = (weights * ce).sum(1).mean()
+    rec = (weights * ce).sum(1).mean()
     best = ce.detach().argmin(1)
     return {
-        "loss": loss,
-        "rec": loss,
+        "rec": rec,
         "rec_best": ce.detach().min(1).values.mean(),
         "best_head": torch.bincount(best, minlength=m).to(ce.dtype) / b,
     }

@@ -12,18 +12,21 @@ import torch
 from typer.testing import CliRunner
 
 from lidcseg.ambiguity import (
-    CSV_COLUMNS,
     ambiguity_runs,
     choose_threshold,
+    count_lesions,
     graders_marking,
     lesion_counts,
     predict_ambiguous,
     presence_ambiguous,
     scores,
 )
+from lidcseg.data.eval_split import load_split
 from lidcseg.errors import LidcsegError
+from lidcseg.evaluation import evaluate_model
+from lidcseg.reports.ambiguity import CSV_COLUMNS
 from lidcseg_cli.main import app
-from tests.test_evaluation import make_run, one_line_error
+from tests.test_evaluation import INPUT, DiscModel, NoiseModel, make_run, one_line_error
 
 runner = CliRunner()
 
@@ -82,6 +85,15 @@ def test_balanced_accuracy_and_accuracy_choose_differently() -> None:
         choose_threshold(counts, truth, 16, "f1")
 
 
+def test_counts_come_from_the_samples_evaluate_draws(disc_data: Path) -> None:
+    """The same seed gives count_lesions the samples that evaluate scores (one generator per run)."""
+    split = load_split(disc_data, "test", INPUT)
+    counts = count_lesions(NoiseModel(), split, 8, seed=3, batch_size=3)
+    _, kept, _ = evaluate_model(NoiseModel(), split, (8,), seed=3, batch_size=3, keep=range(len(split)))
+    assert counts.tolist() == [int(kept[i].reshape(8, -1).any(1).sum()) for i in range(len(split))]
+    assert count_lesions(DiscModel(), split, 4, min_pixels=40).tolist() == [2] * len(split)  # 12, 32, 52, 80 px
+
+
 def test_ambiguity_report(disc_data: Path, tmp_path: Path) -> None:
     run = make_run(tmp_path / "pun")
     out = tmp_path / "amb"
@@ -96,6 +108,8 @@ def test_ambiguity_report(disc_data: Path, tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 8  # 4 val + 4 test crops
     assert all(0 <= int(r["count"]) <= 4 for r in rows)
+    t = saved["runs"][0]["threshold"]
+    assert all(r["predicted"] == str(int(int(r["count"]) < t)) for r in rows)
     assert "| run | model | t |" in (out / "ambiguity.md").read_text()
     assert (out / "histograms.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -12,6 +12,7 @@ import torch
 
 from lidcseg.config import ModelConfig
 from lidcseg.errors import LidcsegError
+from lidcseg.models import create_model
 from lidcseg.models.checkpoint import (
     CONFIG_FILE,
     FORMAT_NAME,
@@ -20,7 +21,6 @@ from lidcseg.models.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from lidcseg.models import create_model
 from lidcseg.seed import seed_everything
 
 CFG = ModelConfig(

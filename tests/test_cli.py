@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,47 @@ def test_help_everywhere(path: list[str]) -> None:
     result = runner.invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_train_help_lists_every_model_and_preset() -> None:
+    from lidcseg.config import PRESETS
+    from lidcseg.models.registry import MODEL_SPECS
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    lines = [ln.strip() for ln in result.output.splitlines()]
+    for name, spec in MODEL_SPECS.items():
+        row = next((ln for ln in lines if ln.split(" ")[0] == name), None)
+        assert row is not None, f"model {name} not listed"
+        assert spec.summary.split(" ")[0] in row  # the summary starts on the name's line
+    for name in PRESETS:
+        assert any(ln.split(" ")[0] == name for ln in lines), f"preset {name} not listed"
+
+
+def test_help_imports_no_torch() -> None:
+    """``lidcseg --help`` and ``lidcseg train --help`` (which lists the models) stay torch-free."""
+    code = (
+        "import sys; from typer.testing import CliRunner; from lidcseg_cli.main import app\n"
+        "for args in (['--help'], ['train', '--help'], ['import', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_progress_bar_started_late_or_never() -> None:
+    from lidcseg_cli._common import progress_bar, stage_progress
+
+    with progress_bar("train", "{task.fields[loss]}", total=3, start=False, loss="") as bar:
+        assert not bar.started  # an input error here would print no empty bar
+    with progress_bar("train", "{task.fields[loss]}", total=3, start=False, loss="") as bar:
+        bar.start()
+        bar.start()
+        bar.update(completed=2, loss="0.5")
+        assert bar.started and bar.elapsed > 0
+    with stage_progress() as update:
+        update("stage", 0, 0)
+        update("stage", 1, 2)
 
 
 def test_version() -> None:
@@ -92,3 +135,25 @@ def test_phantom_then_prepare(tmp_path: Path) -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     assert f"{manifest['total_crops']} crops" in r.output
     assert manifest["total_crops"] > 0
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_package(tmp_path: Path) -> None:
+    """A built wheel holds every package (each folder of lidcseg/ with an __init__.py), the CLI and py.typed."""
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(root / name, src / name)
+    for name in ("lidcseg", "cli"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lidcseg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {p.parent.relative_to(root).as_posix() for p in (root / "lidcseg").rglob("__init__.py")}
+    assert packages and {f"{p}/__init__.py" for p in packages} <= names
+    assert {"lidcseg_cli/__init__.py", "lidcseg_cli/main.py", "lidcseg/py.typed"} <= names

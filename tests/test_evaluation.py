@@ -13,23 +13,23 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from lidcseg.config import ModelConfig, TrainConfig, to_dict
+from lidcseg.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from lidcseg.data.eval_split import load_split, split_file
+from lidcseg.errors import LidcsegError
 from lidcseg.evaluation import (
-    CSV_COLUMNS,
-    PER_COUNT_MODELS,
     RunResult,
-    choose_examples,
     compare_runs,
+    disagreement_examples,
     evaluate_model,
     evaluate_runs,
-    load_split,
-    wilcoxon_paired,
 )
+from lidcseg.inference import OpenRun
 from lidcseg.io.atomic import write_json_atomic
-from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.metrics import ged_terms, hungarian_iou, sample_diversity
 from lidcseg.metrics.extra import hungarian_iou_from_matrix, joint_iou, prefix_metrics
-from lidcseg.models.registry import create_model
+from lidcseg.models.checkpoint import save_checkpoint
+from lidcseg.models.registry import SegmentationModel, create_model
+from lidcseg.reports.evaluation import CSV_COLUMNS
 from lidcseg.seed import seed_everything
 from lidcseg_cli.main import app
 
@@ -108,6 +108,23 @@ def test_hungarian_from_matrix_hand_case() -> None:
     assert hungarian_iou_from_matrix(ious)[0] == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 4)
 
 
+# -- the split in memory ---------------------------------------------------------------------------
+
+
+def test_split_in_memory_and_its_batches(disc_data: Path, tmp_path: Path) -> None:
+    split = load_split(disc_data, "test", INPUT, max_images=3)
+    assert len(split) == 3 and split.images.shape == (3, 1, INPUT, INPUT) and split.masks.dtype == torch.bool
+    assert split.rows.tolist() == [0, 2, 3]  # evenly spaced over the file's 4 crops
+    assert all(p.startswith("SYN-") for p in split.patient) and len(set(split.lesion)) <= 3
+    batches = list(split.batches(2))
+    assert [(s, e) for s, e, _ in batches] == [(0, 2), (2, 3)]
+    torch.testing.assert_close(torch.cat([x for _, _, x in batches]), split.images)
+    with pytest.raises(LidcsegError, match="data directory not found"):
+        split_file(tmp_path / "none", "test")
+    with pytest.raises(LidcsegError, match="missing split file holdout.h5"):
+        load_split(disc_data, "holdout", INPUT)
+
+
 # -- the evaluation of one model -----------------------------------------------------------------
 
 
@@ -127,9 +144,56 @@ def test_counts_use_the_first_n_of_one_draw(disc_data: Path) -> None:
 def test_ensemble_is_sampled_once_per_count(disc_data: Path) -> None:
     split = load_split(disc_data, "test", INPUT)
     model = DiscModel()
-    name = next(iter(PER_COUNT_MODELS))
-    _, _, sampling = evaluate_model(model, split, (1, 4), name=name, batch_size=4)
+    model.samples_per_count = True  # the model protocol's flag (UNetEnsemble sets it)
+    _, _, sampling = evaluate_model(model, split, (1, 4), batch_size=4)
     assert sampling == "per-count" and model.calls == [1, 4]
+
+
+def test_the_unet_ensemble_is_evaluated_with_n_members(disc_data: Path) -> None:
+    """A real ensemble: n = 1 and 4 use 1 and 4 members, with the members' own masks."""
+    split = load_split(disc_data, "test", INPUT)
+    seed_everything(0)
+    model = create_model(ModelConfig(name="unet-ensemble", ensemble_size=4, base_channels=4, num_scales=3,
+                                     convs_per_block=1, fcomb_channels=4, fcomb_layers=1)).eval()
+    metrics, _, sampling = evaluate_model(model, split, (1, 4), batch_size=3)
+    assert sampling == "per-count"
+    with torch.no_grad():
+        members = model.sample(split.images, 4).argmax(2) != 0
+    for j, n in enumerate((1, 4)):
+        terms = ged_terms(members[:, :n], split.masks)
+        np.testing.assert_allclose(metrics["ged"][j], terms.ged.numpy(), atol=1e-5)
+
+
+class EpsDiscModel(SegmentationModel):
+    """Harness fake: hypothesis k of image b is a centred disc of radius 8 + 4 eps[b, k, 0]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(latent_dim=2)
+
+    def loss(self, x, y, ignore=None, generator=None):
+        raise NotImplementedError
+
+    def sample(self, x, n, generator=None, eps=None) -> torch.Tensor:
+        assert eps is not None and eps.shape == (x.shape[0], n, 2)  # harness models get the noise
+        h, w = x.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h) - h / 2, torch.arange(w) - w / 2, indexing="ij")
+        fg = (yy.hypot(xx) < 8 + 4 * eps[..., :1, None]).float() * 2 - 1  # (b, n, h, w)
+        return torch.stack([-fg, fg], dim=2)
+
+
+def test_harness_noise_is_per_image_whatever_the_batch(disc_data: Path) -> None:
+    """A harness model's samples of an image depend on the seed and its row only."""
+    split = load_split(disc_data, "test", INPUT)
+    keep = range(len(split))
+    a = evaluate_model(EpsDiscModel(), split, (2, 8), seed=7, batch_size=1, keep=keep)
+    b = evaluate_model(EpsDiscModel(), split, (2, 8), seed=7, batch_size=3, keep=keep)
+    c = evaluate_model(EpsDiscModel(), split, (2, 8), seed=8, batch_size=3, keep=keep)
+    for k in a[0]:
+        np.testing.assert_array_equal(a[0][k], b[0][k])
+    assert all(np.array_equal(a[1][i], b[1][i]) for i in keep)
+    assert not any(np.array_equal(a[1][i], c[1][i]) for i in keep)
+    assert a[0]["diversity"][1].mean() > 0.05  # the noise matters
 
 
 class NoiseModel(nn.Module):
@@ -147,16 +211,21 @@ class NoiseModel(nn.Module):
         return torch.stack([-fg, fg], dim=2)
 
 
+def fake_run(model: nn.Module, run: Path, name: str = "probunet") -> OpenRun:
+    """What :func:`lidcseg.inference.open_run` gives, around any model."""
+    return OpenRun(label=run.name, path=run, checkpoint=run / "best", run_dir=run, model=model,
+                   config=ModelConfig(name=name), input_size=INPUT, data=DataConfig(),
+                   device=torch.device("cpu"), info={"name": name})
+
+
 def test_seeded_samples(disc_data: Path, runs: list[Path], monkeypatch) -> None:
     """Same seed, same numbers; another seed, other samples."""
-    import lidcseg.sampling
-    from lidcseg.config import DataConfig
+    import lidcseg.inference
 
-    def load(run, device="auto", input_size=None) -> lidcseg.sampling.LoadedModel:
-        return lidcseg.sampling.LoadedModel(NoiseModel(), INPUT, DataConfig(), {"name": "probunet"},
-                                            torch.device("cpu"))
+    def load(run, device="auto", input_size=None) -> OpenRun:
+        return fake_run(NoiseModel(), Path(run))
 
-    monkeypatch.setattr(lidcseg.sampling, "load_for_sampling", load)
+    monkeypatch.setattr(lidcseg.inference, "open_run", load)
     a, b, c = (evaluate_runs(disc_data, runs[:1], counts=(2, 8), seed=s, device="cpu", examples=0).results[0]
                for s in (3, 3, 4))
     for k, v in a.metrics.items():
@@ -174,24 +243,15 @@ def test_choose_examples_prefers_disagreement() -> None:
     m[3, :, :2, :2] = True
     m[3, 3, :3, :3] = True  # all marked, one larger: shape disagreement
     # crop 4: all empty
-    assert choose_examples(m, 2) == [2, 3]
-    assert choose_examples(m, 3) == [2, 1, 3]
+    assert disagreement_examples(m, 2) == [2, 3]
+    assert disagreement_examples(m, 3) == [2, 1, 3]
     lesion = np.array(["a", "b", "b", "c", "d"])  # crops 1 and 2: slices of one lesion
-    assert choose_examples(m, 3, lesion) == [2, 3, 0]
-    assert choose_examples(m, 0) == [] and len(choose_examples(m, 9)) == 5
+    assert disagreement_examples(m, 3, lesion) == [2, 3, 0]
+    assert disagreement_examples(m, 0) == [] and len(disagreement_examples(m, 9)) == 5
+    assert disagreement_examples(m[:0], 3) == []
 
 
 # -- Wilcoxon ------------------------------------------------------------------------------------
-
-
-def test_wilcoxon_paired_values_and_all_zero_case() -> None:
-    ref = np.array([0.5, 0.4, 0.3, 0.6, 0.2, 0.7])
-    other = ref + np.array([0.1, 0.2, 0.05, 0.3, 0.15, 0.25])
-    t = wilcoxon_paired(ref, other)
-    assert t["statistic"] == 0 and t["p_value"] == pytest.approx(0.03125)  # exact: 2 / 2^6
-    assert t["nonzero"] == 6 and t["mean_difference"] == pytest.approx(0.175)
-    z = wilcoxon_paired(ref, ref)
-    assert (z["p_value"], z["nonzero"]) == (1.0, 0)
 
 
 def test_wilcoxon_is_called_on_paired_per_image_arrays(monkeypatch) -> None:

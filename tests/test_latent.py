@@ -10,15 +10,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from lidcseg.config import DataConfig, ModelConfig
+from lidcseg.config import ModelConfig
 from lidcseg.errors import LidcsegError
+from lidcseg.inference import OpenRun
 from lidcseg.latent import check_latent_model, decode_grid, latent_figure, parse_dims
 from lidcseg.models.prob_unet import encode_mask
 from lidcseg.models.registry import create_model
-from lidcseg.sampling import LoadedModel
 from lidcseg.seed import seed_everything
 from lidcseg_cli.main import app
-from tests.test_evaluation import INPUT, TINY, make_run, one_line_error
+from tests.test_evaluation import INPUT, TINY, fake_run, make_run, one_line_error
 
 runner = CliRunner()
 TINY3 = ModelConfig(base_channels=4, num_scales=3, convs_per_block=1, latent_dim=3,
@@ -85,14 +85,14 @@ def test_cli_latent_and_its_errors(disc_data: Path, tmp_path: Path, monkeypatch)
     one_line_error(runner.invoke(app, [*base, "--run", str(run), "--index", "0", "--split", "x"]), "x.h5")
 
     # a baseline (no latent space) -> one line naming the run
-    import lidcseg.sampling
+    import lidcseg.inference
 
     baseline = nn.Conv2d(1, 2, 1)
     baseline.config = ModelConfig(name="unet-ensemble")  # type: ignore[assignment]
 
-    def load(r, device="auto", input_size=None) -> LoadedModel:
-        return LoadedModel(baseline, INPUT, DataConfig(), {"name": "unet-ensemble"}, torch.device("cpu"))
+    def load(r, device="auto", input_size=None) -> OpenRun:
+        return fake_run(baseline, Path(r), "unet-ensemble")
 
-    monkeypatch.setattr(lidcseg.sampling, "load_for_sampling", load)
+    monkeypatch.setattr(lidcseg.inference, "open_run", load)
     one_line_error(runner.invoke(app, [*base, "--run", str(run), "--index", "0"]),
                    "'unet-ensemble' has no latent space", str(run))

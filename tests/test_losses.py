@@ -1,11 +1,13 @@
-"""ELBO (Eq. 4) as pure functions: KL in closed form, reductions, ignore masks, empty masks."""
+"""The ELBO's terms (Eq. 4) as pure functions: KL in closed form, reductions, ignore masks, empty masks.
+
+The trainer weights them with beta: tests/test_training.py checks the objective."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from lidcseg.losses import elbo_loss, kl_diag_gaussians, pixel_cross_entropy
+from lidcseg.losses import elbo_terms, kl_diag_gaussians, pixel_cross_entropy
 
 
 def gaussians(b: int = 3, n: int = 4, seed: int = 0):
@@ -49,34 +51,35 @@ def test_cross_entropy_is_summed_over_pixels_and_averaged_over_batch() -> None:
     logits, target = random_case()
     per_pixel = F.cross_entropy(logits, target, reduction="none")
     torch.testing.assert_close(pixel_cross_entropy(logits, target), per_pixel.sum((1, 2)))
-    out = elbo_loss(logits, target, *gaussians(b=2), beta=1.0)
+    out = elbo_terms(logits, target, *gaussians(b=2))
     torch.testing.assert_close(out["rec"], per_pixel.sum() / 2)
 
 
 def test_loss_does_not_scale_with_batch_size() -> None:
     logits, target = random_case(b=1)
     stats = gaussians(b=1)
-    one = elbo_loss(logits, target, *stats, beta=0.7)
+    one = elbo_terms(logits, target, *stats)
     k = 5
-    rep = elbo_loss(
+    rep = elbo_terms(
         logits.repeat(k, 1, 1, 1),
         target.repeat(k, 1, 1),
         *(t.repeat(k, 1) for t in stats),
-        beta=0.7,
     )
-    for key in ("loss", "rec", "kl", "kl_per_dim"):
+    assert set(one) == {"rec", "kl", "kl_per_dim"}  # the terms only: no beta here
+    for key in ("rec", "kl", "kl_per_dim"):
         torch.testing.assert_close(one[key], rep[key])
 
 
-def test_loss_is_rec_plus_beta_kl_with_per_dim_kl() -> None:
+def test_terms_are_rec_and_kl_with_per_dim_kl() -> None:
     logits, target = random_case()
     stats = gaussians(b=2, n=4)
-    out = elbo_loss(logits, target, *stats, beta=2.5)
-    torch.testing.assert_close(out["loss"], out["rec"] + 2.5 * out["kl"])
-    assert out["kl_per_dim"].shape == (4,)
+    out = elbo_terms(logits, target, *stats)
+    torch.testing.assert_close(out["rec"], pixel_cross_entropy(logits, target).mean())
+    torch.testing.assert_close(out["kl"], kl_diag_gaussians(*stats).sum(1).mean())
+    assert out["kl_per_dim"].shape == (4,) and not out["kl_per_dim"].requires_grad
     torch.testing.assert_close(out["kl_per_dim"].sum(), out["kl"])
     torch.testing.assert_close(out["kl_per_dim"], kl_diag_gaussians(*stats).mean(0))
-    out["loss"].backward()
+    (out["rec"] + 2.5 * out["kl"]).backward()
     assert torch.isfinite(logits.grad).all()
 
 
@@ -95,8 +98,8 @@ def test_ignore_mask_excludes_pixels_and_their_labels() -> None:
 def test_empty_and_fully_ignored_targets_give_no_nan() -> None:
     logits, _ = random_case()
     empty = torch.zeros(2, 6, 5, dtype=torch.long)
-    out = elbo_loss(logits, empty, *gaussians(b=2), beta=1.0)
+    out = elbo_terms(logits, empty, *gaussians(b=2))
     assert all(torch.isfinite(v).all() for v in out.values())
     all_ignored = torch.ones_like(empty, dtype=torch.bool)
-    out = elbo_loss(logits, empty, *gaussians(b=2), beta=1.0, ignore=all_ignored)
-    assert out["rec"] == 0 and torch.isfinite(out["loss"])
+    out = elbo_terms(logits, empty, *gaussians(b=2), ignore=all_ignored)
+    assert out["rec"] == 0 and torch.isfinite(out["kl"])

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lidcseg.metrics.stats import describe, wilcoxon_paired
+from lidcseg.reports import ambiguity as ambiguity_report
+from lidcseg.reports import evaluation as evaluation_report
 from lidcseg.reports.plots import (
     SAMPLE_COLOR,
     mask_overlay,
@@ -17,7 +20,6 @@ from lidcseg.reports.plots import (
     plot_presence_histograms,
     view_box,
 )
-from lidcseg.metrics.stats import describe
 from lidcseg.reports.tables import fmt, markdown_table, write_csv
 
 
@@ -37,6 +39,72 @@ def test_describe_fmt_markdown_csv(tmp_path: Path) -> None:
     assert markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
     write_csv(tmp_path / "t.csv", ["name", "value"], [["a", np.float64(0.1)], ["b", 2]])
     assert (tmp_path / "t.csv").read_text() == "name,value\na,0.1\nb,2\n"
+
+
+def test_wilcoxon_paired_values_and_all_zero_case() -> None:
+    ref = np.array([0.5, 0.4, 0.3, 0.6, 0.2, 0.7])
+    other = ref + np.array([0.1, 0.2, 0.05, 0.3, 0.15, 0.25])
+    t = wilcoxon_paired(ref, other)
+    assert t["statistic"] == 0 and t["p_value"] == pytest.approx(0.03125)  # exact: 2 / 2^6
+    assert t["nonzero"] == 6 and t["mean_difference"] == pytest.approx(0.175)
+    z = wilcoxon_paired(ref, ref)
+    assert (z["p_value"], z["nonzero"]) == (1.0, 0)
+    with pytest.raises(ValueError, match="paired"):
+        wilcoxon_paired(ref, ref[:3])
+
+
+def _stats(mean: float, sd: float = 0.1, median: float = 0.5) -> dict[str, float]:
+    return {"mean": mean, "sd": sd, "median": median}
+
+
+def test_evaluation_markdown_layout() -> None:
+    """``summary.md`` from a summary: title, protocol paragraph, metric table, Wilcoxon table."""
+    metrics = {"ged": _stats(0.25), "diversity": _stats(0.5), "hm_iou": _stats(0.75), "grader_diversity": _stats(0.4)}
+    info = {
+        "split": "test", "images": 3, "input_size": 64,
+        "protocol": {"ged": "V-statistic", "samples": evaluation_report.sampling_protocol(16)},
+        "runs": [{"label": "a", "model": "probunet", "metrics": {"16": metrics}},
+                 {"label": "b", "model": "unet-ensemble", "metrics": {"16": metrics}}],
+        "reference": "a",
+        "wilcoxon": [{"other": "b", "metric": "ged", "n": 16, "mean_difference": 0.1, "median_difference": 0.2,
+                      "statistic": 3.0, "p_value": 0.0123456, "nonzero": 3, "images": 3}],
+    }
+    md = evaluation_report.markdown_report(None, info)  # type: ignore[arg-type]  # info given: not read
+    row = "probunet | 16 | 0.250 ± 0.100 [0.500] | 0.500 ± 0.100 | 0.750 ± 0.100 | 0.400 |"
+    assert md == (
+        "# Evaluation on `test` (3 images, 64 px)\n\n"
+        "GED² (Eq. 6, d = 1 − IoU, V-statistic), sample diversity E[d(S,S′)] and Hungarian-matched IoU, "
+        f"per image; mean ± sd over images, median in brackets. Samples: {info['protocol']['samples']}.\n\n"
+        "| run | model | n | GED² | diversity | HM-IoU | graders E[d(Y,Y′)] |\n|---|---|---|---|---|---|---|\n"
+        f"| a | {row}\n| b | {row.replace('probunet', 'unet-ensemble')}\n\n"
+        "## Wilcoxon signed-rank tests against `a` (paired per image)\n\n"
+        "| run | metric | n | mean diff (run − ref) | median diff | W | p | pairs ≠ 0 |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| b | ged | 16 | 0.100 | 0.200 | 3 | 0.0123 | 3/3 |\n"
+    )
+    assert "16 samples" in info["protocol"]["samples"] and "samples_per_count" in info["protocol"]["samples"]
+    info["wilcoxon"] = []
+    assert "Wilcoxon" not in evaluation_report.markdown_report(None, info)  # type: ignore[arg-type]
+
+
+def test_ambiguity_markdown_layout() -> None:
+    info = {
+        "rule": "ambiguous iff fewer than t of 16 samples show a lesion (>= 1 px)",
+        "truth": "ambiguous iff some grader masks are empty and some are not",
+        "criterion": "balanced accuracy", "threshold_split": "val", "test_split": "test",
+        "crops": {"val": {"total": 4, "ambiguous": 3}, "test": {"total": 5, "ambiguous": 2}},
+        "runs": [{"label": "a", "model": "probunet", "threshold": 7, "val_balanced_accuracy": 0.5,
+                  "test": {"accuracy": 0.6, "balanced_accuracy": 0.55, "recall_ambiguous": 0.5,
+                           "recall_unambiguous": float("nan")}}],
+    }
+    assert ambiguity_report.markdown_report(info) == (
+        "# Lesion-presence ambiguity detection (Appendix E, Table 1)\n\n"
+        f"Rule: {info['rule']}; t chosen on `val` by balanced accuracy. Truth: {info['truth']}. "
+        "`val`: 3/4 ambiguous, `test`: 2/5 ambiguous.\n\n"
+        "| run | model | t | val bal. acc. | test accuracy | test bal. acc. | recall ambiguous | recall unambiguous |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| a | probunet | 7 | 0.500 | 0.600 | 0.550 | 0.500 | – |\n"
+    )
 
 
 def test_view_box_zooms_on_the_masks() -> None:

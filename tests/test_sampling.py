@@ -17,21 +17,23 @@ from typer.testing import CliRunner
 
 from lidcseg.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from lidcseg.data.transforms import apply_transform, eval_transform, normalize_hu
+from lidcseg.errors import LidcsegError
+from lidcseg.inference import OpenRun, noise_dim
 from lidcseg.io.atomic import write_json_atomic
-from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.io.nifti import RAS_TO_LPS
 from lidcseg.io.scan import read_scan
-from lidcseg.models.registry import create_model
+from lidcseg.models.checkpoint import save_checkpoint
+from lidcseg.models.registry import SegmentationModel, create_model
 from lidcseg.sampling import (
-    LoadedModel,
-    accepts_eps,
     cut_tiles,
     draw_hypotheses,
     locate_lesions,
+    output_folder,
     sample_scan,
 )
 from lidcseg.seed import seed_everything
 from lidcseg_cli.main import app
+from lidcseg_cli.sample import parse_slices, parse_triple
 
 runner = CliRunner()
 TINY = ModelConfig(base_channels=4, num_scales=3, convs_per_block=1, latent_dim=2,
@@ -92,7 +94,7 @@ def series_dir(fault_root) -> Path:
     return next((fault_root("") / FAULT_PATIENT).glob("*/*"))
 
 
-class ThresholdModel(nn.Module):
+class ThresholdModel(SegmentationModel):
     """A fake harness model: foreground where the input exceeds -400 HU + ``spread`` * eps[..., 0].
 
     Records the eps of every call. Output logits (B, n, 2, H, W).
@@ -111,12 +113,26 @@ class ThresholdModel(nn.Module):
         fg = x[:, None, 0] - thr[..., None, None]  # (B, n, H, W)
         return torch.stack([-fg, fg], dim=2)
 
+    def loss(self, x, y, ignore=None, generator=None):  # noqa: ANN001, ANN201
+        raise NotImplementedError
 
-def fake_loader(model: nn.Module):
-    def load(run, device="auto", input_size=None) -> LoadedModel:
-        return LoadedModel(model, INPUT, DataConfig(), {"name": "threshold", "checkpoint": None}, torch.device("cpu"))
 
-    return load
+class OwnNoiseModel(nn.Module):
+    """Not a harness model: its ``sample`` takes no eps and draws its noise from the generator."""
+
+    def sample(self, x: torch.Tensor, n: int, generator=None) -> torch.Tensor:
+        thr = THR + torch.randn((x.shape[0], n), generator=generator)  # (B, n)
+        fg = x[:, None, 0] - thr[..., None, None]
+        return torch.stack([-fg, fg], dim=2)
+
+
+def fake_open_run(model: nn.Module):
+    def open_run(run, device="auto", input_size=None) -> OpenRun:
+        return OpenRun(label="fake", path=Path(str(run)), checkpoint=Path(str(run)), run_dir=None, model=model,
+                       config=ModelConfig(), input_size=INPUT, data=DataConfig(),
+                       device=torch.device("cpu"), info={"name": "threshold", "checkpoint": None})
+
+    return open_run
 
 
 def one_line_error(result, *needles: str) -> None:
@@ -165,7 +181,7 @@ def test_nifti_outputs_keep_the_input_geometry(disc_scan: Path, run_dir: Path, t
 
 def test_pasted_disc_lands_on_its_voxels(disc_scan: Path, tmp_path: Path, monkeypatch) -> None:
     """A model that thresholds its input gives back exactly the disc, in the input's voxel order."""
-    monkeypatch.setattr("lidcseg.sampling.load_for_sampling", fake_loader(ThresholdModel()))
+    monkeypatch.setattr("lidcseg.sampling.open_run", fake_open_run(ThresholdModel()))
     out = tmp_path / "out"
     # Two overlapping lesions: OR-ed per hypothesis, so the disc comes back once, unchanged.
     result = sample_scan(disc_scan, "unused", out, at=[tuple(DISC[0]), tuple(DISC[0] + [2.0, -1.0, 0.0])],
@@ -240,12 +256,38 @@ def test_shared_eps_is_one_draw_per_lesion_and_hypothesis(disc_scan: Path) -> No
     assert noise == "independent" and not torch.equal(eps[0], eps[1])
 
 
+def test_noise_is_drawn_eps_first_then_batch_by_batch(disc_scan: Path) -> None:
+    """One CPU generator seeded with the seed: eps (lesions, n, N) first, then the models' own draws."""
+    scan = read_scan(disc_scan)
+    lesions = locate_lesions(scan, at=[tuple(DISC[0])], at_voxel=[(30, 40, 6)], slices=(-2, 2))
+    tiles = cut_tiles(scan, lesions, DataConfig(), INPUT)
+    model = ThresholdModel(spread=0.5)
+    draw_hypotheses(model, tiles, 4, seed=3, batch_size=3)
+    expected = torch.randn((2, 4, 2), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(torch.cat(model.calls), expected[torch.as_tensor(tiles.lesion)], rtol=0, atol=0)
+
+
+def test_model_without_eps_draws_its_own_noise(disc_scan: Path, tmp_path: Path, monkeypatch) -> None:
+    scan = read_scan(disc_scan)
+    lesions = locate_lesions(scan, at=[tuple(DISC[0])], slices=(-2, 2))
+    tiles = cut_tiles(scan, lesions, DataConfig(), INPUT)
+    masks, noise = draw_hypotheses(OwnNoiseModel(), tiles, 3, seed=5, batch_size=2)
+    assert noise == "model" and masks.shape == (5, 3, INPUT, INPUT)
+    gen = torch.Generator().manual_seed(5)
+    thr = torch.cat([THR + torch.randn((min(2, 5 - s), 3), generator=gen) for s in range(0, 5, 2)])  # (5, 3)
+    expected = tiles.images[:, None, 0] > thr[..., None, None]
+    np.testing.assert_array_equal(masks, expected.numpy())
+
+    monkeypatch.setattr("lidcseg.sampling.open_run", fake_open_run(OwnNoiseModel()))
+    result = sample_scan(disc_scan, "unused", tmp_path / "out", at=[tuple(DISC[0])], n=2, threads=1)
+    assert result.summary["noise"] == "model" and "eps" in result.summary["warnings"][0]
+
+
 def test_prob_unet_latents_share_eps_across_slices(disc_scan: Path) -> None:
     """With the real model: z = mu_slice + sigma_slice * eps with one eps for the whole lesion."""
     from lidcseg.models.prob_unet import ProbUNet
 
-    if not accepts_eps(ProbUNet(TINY)):
-        pytest.skip("ProbUNet.sample has no eps keyword yet")
+    assert noise_dim(ProbUNet(TINY)) == TINY.latent_dim  # it takes eps (B, n, N)
     seed_everything(0)
     model = create_model(TINY).eval()
     scan = read_scan(disc_scan)
@@ -267,7 +309,7 @@ def test_same_seed_same_bytes(disc_scan: Path, run_dir: Path, tmp_path: Path) ->
 
 
 def test_seed_changes_the_hypotheses(disc_scan: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("lidcseg.sampling.load_for_sampling", fake_loader(ThresholdModel(spread=0.3)))
+    monkeypatch.setattr("lidcseg.sampling.open_run", fake_open_run(ThresholdModel(spread=0.3)))
 
     def run(seed: int, name: str) -> np.ndarray:
         sample_scan(disc_scan, "unused", tmp_path / name, at=[tuple(DISC[0])], n=4, seed=seed, threads=1)
@@ -415,12 +457,41 @@ def test_existing_output_needs_overwrite(disc_scan: Path, run_dir: Path, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_output_that_appears_meanwhile_is_refused(tmp_path: Path) -> None:
+    """The output is checked again before the swap: a folder made meanwhile is kept, ours removed."""
+    out = tmp_path / "out"
+    with pytest.raises(LidcsegError, match="--overwrite"), output_folder(out, overwrite=False) as tmp:
+        (tmp / "new.txt").write_text("ours")
+        out.mkdir()
+        (out / "keep.txt").write_text("theirs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    with output_folder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LidcsegError, match="not a folder"), output_folder(tmp_path / "file", overwrite=True):
+        pass
+
+
+def test_cli_parses_points_and_slices() -> None:
+    assert parse_triple(" -10.5, 20,3e1 ", "--at") == (-10.5, 20.0, 30.0)
+    assert parse_slices("-3:3") == (-3, 3) and parse_slices("0:0") == (0, 0)
+    for bad in ("1,2", "1,2,3,4", "a,b,c", "1,nan,2", "1,inf,2", ""):
+        with pytest.raises(LidcsegError, match="--at-voxel expects three numbers"):
+            parse_triple(bad, "--at-voxel")
+    for bad in ("2:1", "3", "a:b", "1:", ":1", "1.5:2"):
+        with pytest.raises(LidcsegError, match="--slices expects"):
+            parse_slices(bad)
+
+
 def test_failure_midway_leaves_nothing(disc_scan: Path, tmp_path: Path, monkeypatch) -> None:
     class Broken(ThresholdModel):
         def sample(self, *a, **k):  # noqa: ANN002, ANN003
             raise RuntimeError("boom")
 
-    monkeypatch.setattr("lidcseg.sampling.load_for_sampling", fake_loader(Broken()))
+    monkeypatch.setattr("lidcseg.sampling.open_run", fake_open_run(Broken()))
     with pytest.raises(RuntimeError):
         sample_scan(disc_scan, "unused", tmp_path / "out", at=[tuple(DISC[0])], n=1)
     assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,16 @@ from typer.testing import CliRunner
 
 from lidcseg.config import ModelConfig, TrainConfig, apply_overrides, preset
 from lidcseg.errors import LidcsegError
-from lidcseg.training import TrainEvent, _objective, iter_metrics, lr_at, lr_schedule, train
+from lidcseg.training import (
+    TrainEvent,
+    beta_at,
+    elbo,
+    iter_metrics,
+    lr_at,
+    lr_schedule,
+    objective,
+    train,
+)
 
 TINY_MODEL = ModelConfig(base_channels=4, num_scales=3, fcomb_channels=8, latent_dim=2)
 TINY_TRAIN = TrainConfig(
@@ -62,12 +71,52 @@ def test_presets_and_overrides() -> None:
 def test_free_bits_objective_stops_kl_gradient_below_floor() -> None:
     rec = torch.tensor(10.0, requires_grad=True)
     kl = torch.tensor(0.1, requires_grad=True)
-    out = {"loss": rec + kl, "rec": rec, "kl": kl}
+    out = {"rec": rec, "kl": kl}
     cfg = TrainConfig(kl_free_bits=0.25)
-    obj = _objective(out, 1.0, ModelConfig(latent_dim=6), cfg)  # floor 1.5 nats > kl
+    obj = objective(out, 1.0, ModelConfig(latent_dim=6), cfg)  # floor 1.5 nats > kl
     obj.backward()
     assert obj.item() == pytest.approx(11.5) and kl.grad.item() == 0.0 and rec.grad.item() == 1.0
-    assert _objective(out, 1.0, ModelConfig(), TrainConfig()) is out["loss"]  # paper: untouched
+    # Paper: the ELBO's own arithmetic, rec + beta * kl, bit for bit.
+    assert torch.equal(objective(out, 1.0, ModelConfig(), TrainConfig()), rec + 1.0 * kl)
+
+
+def test_objective_weights_the_terms_with_the_trainers_beta() -> None:
+    rec, kl = torch.tensor(10.0), torch.tensor(0.1)
+    terms = {"rec": rec, "kl": kl, "kl_per_dim": torch.tensor([0.04, 0.06])}
+    model = ModelConfig(latent_dim=2, beta=2.0)
+    paper = TrainConfig()
+    assert objective(terms, 2.0, model, paper).item() == pytest.approx(10.2)  # 10 + 2 * 0.1
+    assert elbo(terms, 2.0).item() == pytest.approx(10.2)
+    # Free bits: the KL term is max(kl, N * free_bits) = max(0.1, 2 * 0.5) = 1.
+    free = TrainConfig(kl_free_bits=0.5)
+    assert objective(terms, 2.0, model, free).item() == pytest.approx(12.0)
+    assert objective({"rec": rec, "kl": torch.tensor(3.0)}, 2.0, model, free).item() == pytest.approx(16.0)
+    # Warm-up over 4 steps: beta_t = 2 * (step + 1) / 4, then 2.
+    warm = TrainConfig(beta_warmup_steps=4)
+    assert [beta_at(s, 2.0, warm) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert beta_at(0, 2.0, paper) == 2.0
+    assert objective(terms, beta_at(0, 2.0, warm), model, warm).item() == pytest.approx(10.05)
+    assert objective(terms, beta_at(3, 2.0, warm), model, warm).item() == pytest.approx(10.2)
+    # Both: 10 + 0.5 * max(0.1, 1).
+    both = TrainConfig(beta_warmup_steps=4, kl_free_bits=0.5)
+    assert objective(terms, beta_at(0, 2.0, both), model, both).item() == pytest.approx(10.5)
+    # Models without a latent minimise their reconstruction term, whatever beta.
+    assert objective({"rec": rec}, 0.5, model, both) is rec and elbo({"rec": rec}, 2.0) is rec
+    with pytest.raises(LidcsegError, match="no 'rec' term"):
+        objective({"kl": kl}, 1.0, model, paper)
+
+
+def test_logged_loss_is_the_objective_and_elbo_the_models_beta(disc_data: Path, tmp_path: Path) -> None:
+    model, cfg = apply_overrides(TINY_MODEL, TINY_TRAIN, ["model.beta=2", "steps=3", "val_every=0",
+                                                          "checkpoint_every=3", "beta_warmup_steps=2",
+                                                          "kl_free_bits=0.5"])
+    rows = list(iter_metrics(train(disc_data, model, cfg, tmp_path / "run"), "train"))
+    assert [r["beta"] for r in rows] == [1.0, 2.0, 2.0]
+    floor = 0.5 * model.latent_dim
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["rec"] + r["beta"] * max(r["kl"], floor), rel=1e-6)
+        assert r["elbo"] == pytest.approx(r["rec"] + 2.0 * r["kl"], rel=1e-6)
+        assert sum(r["kl_per_dim"]) == pytest.approx(r["kl"], rel=1e-5)
 
 
 def test_tiny_run_learns_and_writes_run_dir(disc_data: Path, tmp_path: Path) -> None:
@@ -83,6 +132,8 @@ def test_tiny_run_learns_and_writes_run_dir(disc_data: Path, tmp_path: Path) -> 
     assert last < 0.8 * first, (first, last)
     assert len(rows[0]["kl_per_dim"]) == TINY_MODEL.latent_dim
     assert {"rec", "kl", "lr", "it_s", "img_s", "beta"} <= set(rows[0])
+    for r in rows:  # the paper's setting: the objective is the ELBO at the model's beta
+        assert r["loss"] == r["elbo"] == pytest.approx(r["rec"] + TINY_MODEL.beta * r["kl"], rel=1e-6)
     val = list(iter_metrics(run, "val"))
     assert [v["step"] for v in val] == [20, 40] and {"ged", "diversity"} <= set(val[0])
     config = json.loads((run / "config.json").read_text())
@@ -167,7 +218,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(
         def nan_loss(x, y, ignore=None):
             out = loss(x, y, ignore)
             calls[0] += 1
-            return {**out, "loss": out["loss"] * float("nan")} if calls[0] >= 5 else out
+            return {**out, "rec": out["rec"] * float("nan")} if calls[0] >= 5 else out
 
         model.loss = nan_loss
         return model
@@ -290,7 +341,7 @@ def test_cli_module_imports_no_torch() -> None:
 
 def test_config_file_and_interrupted_swap_recovery(tmp_path: Path) -> None:
     from lidcseg.config import apply_config_file
-    from lidcseg.training import _atomic_dir, _recover_last
+    from lidcseg.io.atomic import atomic_dir, recover_dir
 
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": {"latent_dim": 3}, "train": {"lr": 0.01}}))
@@ -301,11 +352,11 @@ def test_config_file_and_interrupted_swap_recovery(tmp_path: Path) -> None:
         apply_config_file(*preset("paper"), f)
 
     run = tmp_path / "run"
-    with _atomic_dir(run / "last") as d:
+    with atomic_dir(run / "last") as d:
         (d / "a").write_text("1")
-    with _atomic_dir(run / "last") as d:
+    with atomic_dir(run / "last") as d:
         (d / "a").write_text("2")
     assert (run / "last" / "a").read_text() == "2" and sorted(os.listdir(run)) == ["last"]
     os.rename(run / "last", run / ".last.old")  # killed between the two renames
-    _recover_last(run)
+    recover_dir(run / "last")
     assert (run / "last" / "a").read_text() == "2"

@@ -28,7 +28,6 @@ Rows are ordered by city, then file name, so the output does not depend on
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from lidcseg.data.scenes import (
 )
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import IGNORE_INDEX
+from lidcseg.progress import Progress
 
 #: The official Cityscapes labels (cityscapesScripts ``helpers/labels.py``): (name, id, trainId).
 #: trainId 255 (and -1, the license plate) are void: ignored.
@@ -67,7 +67,6 @@ PAPER_SIZE: tuple[int, int] = (256, 512)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-Progress = Callable[[str, int, int], None]
 
 
 def label_lut() -> np.ndarray:

@@ -6,6 +6,7 @@ Plain functions on arrays; reports print what they return.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,4 +32,44 @@ def describe(values: np.ndarray | Sequence[float]) -> dict[str, float]:
         "q25": float(q25),
         "q75": float(q75),
         "count": int(v.size),
+    }
+
+
+def wilcoxon_paired(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Two-sided Wilcoxon signed-rank test on per-image pairs (``scipy.stats.wilcoxon``).
+
+    Zero differences are dropped (``zero_method="wilcox"``); with no non-zero
+    difference the test is not defined and ``p_value`` is 1.
+
+    Args:
+        reference, other: (N,) values of the same images.
+
+    Returns:
+        ``statistic``, ``p_value``, ``images``, ``nonzero`` (pairs that differ),
+        ``mean_difference`` and ``median_difference`` (other - reference).
+
+    Raises:
+        ValueError: the arrays are not both (N,).
+    """
+    from scipy.stats import wilcoxon
+
+    reference, other = np.asarray(reference, float), np.asarray(other, float)
+    if reference.shape != other.shape or reference.ndim != 1:
+        raise ValueError(f"paired arrays must be (N,) alike, got {reference.shape} and {other.shape}")
+    diff = other - reference
+    nonzero = int(np.count_nonzero(diff))
+    if nonzero == 0:
+        stat, p = 0.0, 1.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = wilcoxon(reference, other, zero_method="wilcox", alternative="two-sided")
+        stat, p = float(res.statistic), float(res.pvalue)
+    return {
+        "statistic": stat,
+        "p_value": p,
+        "images": int(diff.size),
+        "nonzero": nonzero,
+        "mean_difference": float(diff.mean()) if diff.size else float("nan"),
+        "median_difference": float(np.median(diff)) if diff.size else float("nan"),
     }

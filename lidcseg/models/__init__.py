@@ -10,9 +10,10 @@ the names: ``probunet``, ``fixed-prior``, ``fixed-prior-no-context``,
 
 from lidcseg.models.dropout_unet import DropoutUNet
 from lidcseg.models.ensemble import UNetEnsemble, assemble
+from lidcseg.models.fcomb import FComb
 from lidcseg.models.i2i_vae import Image2ImageVAE
 from lidcseg.models.m_heads import MHeadsUNet
-from lidcseg.models.prob_unet import FComb, FixedGaussian, Hypotheses, ProbUNet
+from lidcseg.models.prob_unet import FixedGaussian, Hypotheses, ProbUNet
 from lidcseg.models.registry import (
     MODEL_NAMES,
     MODEL_SPECS,

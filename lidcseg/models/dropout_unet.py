@@ -134,13 +134,13 @@ class DropoutUNet(SegmentationModel):
     ) -> dict[str, torch.Tensor]:
         """Cross-entropy (summed over pixels, mean over the batch) under one dropout mask.
 
-        Returns ``loss`` and ``rec`` (equal; no KL).
+        Returns ``rec`` (the whole loss; no KL).
         """
         check_labels(x, y)
         check_input_size(x, self.config.num_scales)
         logits = self._rest(self._prefix(x), derived_generator(generator, x.device))
         rec = pixel_cross_entropy(logits, y, ignore).mean()
-        return {"loss": rec, "rec": rec}
+        return {"rec": rec}
 
     @torch.no_grad()
     def sample(

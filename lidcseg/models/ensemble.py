@@ -98,8 +98,8 @@ class UNetEnsemble(SegmentationModel):
     ) -> dict[str, torch.Tensor]:
         """Sum over members of each member's cross-entropy (pixel sum, batch mean).
 
-        ``generator`` is unused (no noise). Returns ``loss`` (the sum), ``rec``
-        (the members' mean, comparable with a single model's) and ``rec_per_member``
+        ``generator`` is unused (no noise). Returns ``rec`` (the sum: the whole
+        loss, so every member gets exactly its own gradient) and ``rec_per_member``
         (M,), detached.
         """
         check_labels(x, y)
@@ -107,7 +107,7 @@ class UNetEnsemble(SegmentationModel):
         ce = torch.stack(
             [pixel_cross_entropy(member(x), y, ignore).mean() for member in self.members]
         )  # (M,)
-        return {"loss": ce.sum(), "rec": ce.mean(), "rec_per_member": ce.detach()}
+        return {"rec": ce.sum(), "rec_per_member": ce.detach()}
 
     @torch.no_grad()
     def sample(

@@ -7,7 +7,8 @@ A conditional VAE whose latent enters at the U-Net's *input*:
   global average pooling, a 1x1 conv to mean and log sigma;
 - decoder: z tiled over the image and concatenated to its channels, then the
   U-Net core and an output head (f_comb without a latent);
-- loss: cross-entropy + beta * KL(Q(z|Y) || N(0, I)) (Eq. 4 with the fixed prior).
+- loss: cross-entropy + beta * KL(Q(z|Y) || N(0, I)) (Eq. 4 with the fixed prior);
+  ``loss`` returns the two terms and the trainer weights them with ``cfg.beta``.
 
 This is exactly the Prob. U-Net with all three Appendix D options set
 (``prior="fixed"``, ``posterior_context=False``, ``injection="early"``), so the

@@ -65,8 +65,9 @@ class MHeadsUNet(SegmentationModel):
     ) -> dict[str, torch.Tensor]:
         """The M-Heads loss (best head 1 - epsilon, others epsilon / (M - 1)).
 
-        ``generator`` is unused. Returns ``loss``, ``rec``, ``rec_best`` and
-        ``best_head`` (see :func:`lidcseg.losses.m_heads_loss`).
+        ``generator`` is unused. Returns ``rec`` (the weighted cross-entropy, the
+        whole loss: no KL), ``rec_best`` and ``best_head`` (see
+        :func:`lidcseg.losses.m_heads_loss`).
         """
         check_labels(x, y)
         logits = self._heads(self.unet(x), len(self.heads))  # (B, M, C, H, W)

@@ -6,9 +6,11 @@ Reading order, top to bottom:
 2. :class:`AxisAlignedGaussianNet` - prior net P(z|X) (Eq. 1) and posterior
    net Q(z|X,Y): the U-Net's encoder, global average pooling, and a 1x1 conv
    giving the mean and log sigma of an axis-aligned Gaussian in R^N.
-3. :class:`FComb` - f_comb: z broadcast to an N-channel map, concatenated to
-   the U-Net's last feature map, a few 1x1 convs with ReLU, and 1x1 conv logits (Eq. 2).
-4. :class:`ProbUNet` - training loss (Eq. 4) and sampling (Eq. 1-3).
+3. :class:`~lidcseg.models.fcomb.FComb` (its own module) - f_comb: z broadcast to
+   an N-channel map, concatenated to the U-Net's last feature map, a few 1x1
+   convs with ReLU, and 1x1 conv logits (Eq. 2).
+4. :class:`ProbUNet` - the terms of the training loss (Eq. 4; the trainer
+   weights the KL with beta) and sampling (Eq. 1-3).
 
 Sampling uses *late injection*: the U-Net and prior net run once per image,
 and only f_comb runs per sample. Because f_comb's first 1x1 conv is linear,
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lidcseg.config import ModelConfig
-from lidcseg.losses import elbo_loss
+from lidcseg.losses import elbo_terms
 from lidcseg.models.blocks import check_input_size, init_weights, standard_normal
+from lidcseg.models.fcomb import FComb
 from lidcseg.models.registry import SegmentationModel, check_labels
 from lidcseg.models.unet import Encoder, OutputHead, UNet
 
@@ -47,12 +50,6 @@ LOGSIGMA_MAX = 5.0
 
 #: Images per forward pass in :meth:`ProbUNet.sample` (bounds memory).
 DEFAULT_CHUNK_SIZE = 8
-
-#: Pixels per step of f_comb on CPU: 16384 x 32 float32 activations (2 MiB) stay
-#: in cache. 16 samples of a 128x128 crop, one thread: 0.029 s tiled vs 0.106 s in
-#: one batched call vs 0.125 s CPU as 16 per-sample 1x1 convs (benchmarks/sample.py).
-CPU_TILE = 16384
-
 
 def soft_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Smooth, monotone map of R onto (lo, hi) that is nearly the identity inside.
@@ -140,107 +137,6 @@ class FixedGaussian(nn.Module):
         return zeros, zeros
 
 
-class FComb(nn.Module):
-    """f_comb: combines the U-Net's last feature map with latent samples (Eq. 2).
-
-    ``num_layers`` 1x1 convs, each followed by ReLU, then a 1x1 conv to
-    ``num_classes`` logits. The first conv sees ``[features; z]`` with z tiled
-    over the image. Parameters are stored as ``nn.Conv2d`` (the reference
-    :meth:`forward_naive` uses them as such); :meth:`forward` computes the same
-    function with ``F.linear`` on channels-last data and late injection of z:
-    W [F; z] + b = W_F F + (W_z z + b), with W_F F computed once per image.
-    """
-
-    def __init__(
-        self,
-        feature_channels: int,
-        latent_dim: int,
-        channels: int = 32,
-        num_layers: int = 3,
-        num_classes: int = 2,
-    ) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"f_comb needs at least one hidden 1x1 conv, got {num_layers}")
-        self.feature_channels = feature_channels
-        self.latent_dim = latent_dim
-        ins = [feature_channels + latent_dim] + [channels] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Conv2d(i, channels, 1) for i in ins)
-        self.logits = nn.Conv2d(channels, num_classes, 1)
-
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        """W_F F: the feature half of the first 1x1 conv, once per image.
-
-        (B, F, H, W) -> (B, H, W, c), channels-last.
-        """
-        w = self.layers[0].weight.flatten(1)[:, : self.feature_channels]  # (c, F)
-        return F.linear(features.permute(0, 2, 3, 1), w)
-
-    def combine(
-        self, projected: torch.Tensor, z: torch.Tensor, tile: int | None = -1
-    ) -> torch.Tensor:
-        """Add the per-sample term W_z z + b to W_F F and run the remaining layers.
-
-        Args:
-            projected: (B, H, W, c) from :meth:`project_features`.
-            z: (B, n, N) latents.
-            tile: pixels per step. ``None`` runs every image and sample in one
-                batched call; a positive value loops over images and over groups
-                of samples (or tiles of one sample) of about that many pixels, so
-                activations stay in cache and no (B, n, H, W, c) tensor is ever
-                allocated; -1 (default) picks :data:`CPU_TILE` on CPU without
-                autograd (sampling) and ``None`` otherwise (training, GPU). All
-                give the same result.
-
-        Returns:
-            (B, n, C, H, W) logits.
-        """
-        b, h, w, c = projected.shape
-        n, p = z.shape[1], h * w
-        if tile == -1:  # tiles only pay off without autograd, on CPU
-            cpu_inference = projected.device.type == "cpu" and not torch.is_grad_enabled()
-            tile = CPU_TILE if cpu_inference else None
-        first = self.layers[0]
-        w_z = first.weight.flatten(1)[:, self.feature_channels :]  # (c, N)
-        shift = F.linear(z, w_z, first.bias)  # (B, n, c)
-        flat = projected.reshape(b, p, c)
-        if tile is None:
-            out = self._layers_after_shift(flat[:, None] + shift[:, :, None])  # (B, n, C, P)
-        else:
-            out = projected.new_empty((b, n, self.logits.out_channels, p))
-            per_step = max(1, tile // p)  # samples per step; pixel tiles if one image > tile
-            for i in range(b):
-                for j in range(0, n, per_step):
-                    for s in range(0, p, tile):
-                        pre = flat[i, None, s : s + tile] + shift[i, j : j + per_step, None]
-                        out[i, j : j + per_step, :, s : s + tile] = self._layers_after_shift(pre)
-        return out.view(b, n, -1, h, w)
-
-    def _layers_after_shift(self, pre: torch.Tensor) -> torch.Tensor:
-        """First layer's pre-activation (..., P, c) -> logits (..., C, P)."""
-        a = pre.relu_()
-        for layer in self.layers[1:]:
-            a = F.linear(a, layer.weight.flatten(1), layer.bias).relu_()
-        logits = torch.matmul(self.logits.weight.flatten(1), a.transpose(-1, -2))  # (..., C, P)
-        return logits + self.logits.bias[:, None]
-
-    def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Late-injection f_comb: (B, F, H, W) features and (B, n, N) latents -> (B, n, C, H, W)."""
-        return self.combine(self.project_features(features), z)
-
-    def forward_naive(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Reference f_comb for one latent per image, exactly as Eq. 2 reads.
-
-        Tiles z (B, N) to (B, N, H, W), concatenates it to features (B, F, H, W)
-        and applies the 1x1 convs. Returns (B, C, H, W) logits.
-        """
-        b, _, h, w = features.shape
-        x = torch.cat([features, z[:, :, None, None].expand(b, -1, h, w)], dim=1)
-        for layer in self.layers:
-            x = F.relu(layer(x))
-        return self.logits(x)
-
-
 class Hypotheses(NamedTuple):
     """Samples of :meth:`ProbUNet.sample_with_latents`.
 
@@ -260,7 +156,7 @@ class ProbUNet(SegmentationModel):
 
     Args:
         cfg: architecture (``base_channels``, ``num_scales``, ``convs_per_block``,
-            ``latent_dim``, ``fcomb_channels``, ``fcomb_layers``, ``beta``) and the
+            ``latent_dim``, ``fcomb_channels``, ``fcomb_layers``) and the
             Appendix D options ``prior`` (``learned`` | ``fixed``),
             ``posterior_context`` and ``injection`` (``late`` | ``early``).
 
@@ -355,10 +251,12 @@ class ProbUNet(SegmentationModel):
         ignore: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The ELBO of Eq. 4 with one reparameterised posterior sample.
+        """The terms of the ELBO of Eq. 4 with one reparameterised posterior sample.
 
-        With ``prior="fixed"`` the KL is against N(0, I) (closed form,
-        :func:`lidcseg.losses.kl_diag_gaussians` at mu_p = 0, log sigma_p = 0).
+        The trainer weights them: ``rec + beta * kl``
+        (:func:`lidcseg.training.schedule.objective`). With ``prior="fixed"`` the
+        KL is against N(0, I) (closed form, :func:`lidcseg.losses.kl_diag_gaussians`
+        at mu_p = 0, log sigma_p = 0).
 
         Args:
             x: (B, C_in, H, W) images.
@@ -367,8 +265,8 @@ class ProbUNet(SegmentationModel):
             generator: RNG of the posterior sample (None: torch's global RNG).
 
         Returns:
-            ``loss``, ``rec``, ``kl`` (scalars) and ``kl_per_dim`` (N,); see
-            :func:`lidcseg.losses.elbo_loss` for the reductions.
+            ``rec``, ``kl`` (scalars) and ``kl_per_dim`` (N,); see
+            :func:`lidcseg.losses.elbo_terms` for the reductions.
         """
         check_labels(x, y)
         mu_p, logsigma_p = self.prior(x)  # (B, N) each
@@ -376,7 +274,7 @@ class ProbUNet(SegmentationModel):
         eps = standard_normal(tuple(mu_q.shape), generator, x.device, mu_q.dtype)
         z = mu_q + logsigma_q.exp() * eps  # (B, N), reparameterised
         logits = self._logits(x, z)  # (B, C, H, W)
-        return elbo_loss(logits, y, mu_q, logsigma_q, mu_p, logsigma_p, self.config.beta, ignore)
+        return elbo_terms(logits, y, mu_q, logsigma_q, mu_p, logsigma_p, ignore)
 
     # -- inference --------------------------------------------------------------------------
 

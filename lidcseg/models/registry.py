@@ -7,8 +7,11 @@ Image2Image VAE) is an ``nn.Module`` subclass of :class:`SegmentationModel`:
 - ``__init__(cfg: ModelConfig)`` and the attribute ``config`` (what a
   checkpoint stores to rebuild the model);
 - ``loss(x, y, ignore=None, generator=None) -> dict[str, Tensor]`` for
-  training, with at least the key ``loss`` (a scalar to back-propagate) and
-  ``rec`` (the cross-entropy part); latent models add ``kl`` and ``kl_per_dim``.
+  training: the loss's *terms*, never weighted by beta. ``rec`` (scalar,
+  differentiable) is the reconstruction (cross-entropy) part, the whole loss
+  of a model without a latent; latent models add ``kl`` (scalar,
+  differentiable) and ``kl_per_dim`` (N,). The trainer owns beta and builds
+  the objective ``rec + beta_t * KL`` (:func:`lidcseg.training.schedule.objective`).
   ``generator`` seeds the loss's own noise (posterior sample, dropout masks);
 - ``sample(x, n, generator=None, eps=None) -> (B, n, C, H, W)`` logits of ``n``
   hypotheses per image, computed without gradients; ``noise_dim`` is the width N
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lidcseg.config import ModelConfig
+from lidcseg.config import MODEL_SUMMARIES, ModelConfig
 from lidcseg.errors import LidcsegError
 
 
@@ -69,31 +72,19 @@ _ENSEMBLE = "lidcseg.models.ensemble:UNetEnsemble"
 
 #: Every model name of the harness (``ModelConfig.name``, ``lidcseg train --model``).
 MODEL_SPECS: dict[str, ModelSpec] = {
-    "probunet": ModelSpec(_PROB_UNET, "Probabilistic U-Net (Fig. 1, Eq. 1-4)"),
-    "fixed-prior": ModelSpec(
-        _PROB_UNET, "Prob. U-Net with a fixed N(0, I) prior (Appendix D)", {"prior": "fixed"}
-    ),
+    "probunet": ModelSpec(_PROB_UNET, MODEL_SUMMARIES["probunet"]),
+    "fixed-prior": ModelSpec(_PROB_UNET, MODEL_SUMMARIES["fixed-prior"], {"prior": "fixed"}),
     "fixed-prior-no-context": ModelSpec(
-        _PROB_UNET,
-        "fixed N(0, I) prior and a posterior Q(z|Y) that sees the mask only (Appendix D)",
+        _PROB_UNET, MODEL_SUMMARIES["fixed-prior-no-context"],
         {"prior": "fixed", "posterior_context": False},
     ),
-    "early-injection": ModelSpec(
-        _PROB_UNET, "Prob. U-Net with z concatenated to the input image (Appendix D)",
-        {"injection": "early"},
-    ),
-    "dropout-unet": ModelSpec(
-        "lidcseg.models.dropout_unet:DropoutUNet",
-        "U-Net with dropout (p = 0.5) in its 3 innermost encoder/decoder blocks (Fig. 2a)",
-    ),
-    "unet": ModelSpec(_ENSEMBLE, "deterministic U-Net: a 1-member unet-ensemble", {"ensemble_size": 1}),
-    "unet-ensemble": ModelSpec(_ENSEMBLE, "M independently initialised U-Nets (Fig. 2b)"),
-    "m-heads": ModelSpec(
-        "lidcseg.models.m_heads:MHeadsUNet", "one U-Net with M output heads (Fig. 2c)"
-    ),
+    "early-injection": ModelSpec(_PROB_UNET, MODEL_SUMMARIES["early-injection"], {"injection": "early"}),
+    "dropout-unet": ModelSpec("lidcseg.models.dropout_unet:DropoutUNet", MODEL_SUMMARIES["dropout-unet"]),
+    "unet": ModelSpec(_ENSEMBLE, MODEL_SUMMARIES["unet"], {"ensemble_size": 1}),
+    "unet-ensemble": ModelSpec(_ENSEMBLE, MODEL_SUMMARIES["unet-ensemble"]),
+    "m-heads": ModelSpec("lidcseg.models.m_heads:MHeadsUNet", MODEL_SUMMARIES["m-heads"]),
     "i2i-vae": ModelSpec(
-        "lidcseg.models.i2i_vae:Image2ImageVAE",
-        "Image2Image VAE: fixed prior, posterior Q(z|Y), z at the input (Fig. 2d)",
+        "lidcseg.models.i2i_vae:Image2ImageVAE", MODEL_SUMMARIES["i2i-vae"],
         {"prior": "fixed", "posterior_context": False, "injection": "early"},
         {"beta": 10.0, "latent_dim": 3},
     ),
@@ -131,7 +122,7 @@ class SegmentationModel(nn.Module, abc.ABC):
         ignore: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Training loss of a batch.
+        """The terms of a batch's training loss (the trainer weights them).
 
         Args:
             x: (B, C_in, H, W) images.
@@ -140,7 +131,9 @@ class SegmentationModel(nn.Module, abc.ABC):
             generator: RNG of the loss's own noise (None: torch's global RNG).
 
         Returns:
-            A dict with at least ``loss`` (scalar, differentiable) and ``rec``.
+            A dict with at least ``rec`` (scalar, differentiable: the reconstruction
+            term, the whole loss of a model without a latent); latent models add
+            ``kl`` (scalar, differentiable) and ``kl_per_dim`` (N,).
         """
 
     @abc.abstractmethod

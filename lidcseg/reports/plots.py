@@ -318,7 +318,7 @@ def plot_presence_histograms(
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, wrap=True)
     fig.tight_layout()
     return save_png(fig, path)
 

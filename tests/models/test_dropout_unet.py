@@ -97,5 +97,5 @@ def test_samples_are_seeded_and_the_training_loss_uses_dropout() -> None:
     g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     assert torch.equal(model.sample(x, 4, generator=g(3)), model.sample(x, 4, generator=g(3)))
     assert not torch.equal(model.sample(x, 4, generator=g(3)), model.sample(x, 4, generator=g(4)))
-    assert model.loss(x, y, generator=g(1))["loss"] != model.loss(x, y, generator=g(2))["loss"]
-    assert F.relu(model.loss(x, y)["loss"]) > 0
+    assert model.loss(x, y, generator=g(1))["rec"] != model.loss(x, y, generator=g(2))["rec"]
+    assert F.relu(model.loss(x, y)["rec"]) > 0

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import lidcseg.models.prob_unet as prob_unet
-from lidcseg.config import ModelConfig
+from lidcseg.config import ModelConfig, TrainConfig
 from lidcseg.errors import LidcsegError
-from lidcseg.models.checkpoint import load_model, save_checkpoint
 from lidcseg.models import MODEL_NAMES, ProbUNet, SegmentationModel, create_model, model_config
+from lidcseg.models.checkpoint import load_model, save_checkpoint
 from lidcseg.seed import seed_everything
+from lidcseg.training import objective
 
 #: Architecture shared by the tiny models (4 scales: sizes must be multiples of 8).
 TINY_BASE = ModelConfig(
@@ -73,8 +74,11 @@ def test_loss_and_sample_shapes_on_odd_valid_size(name: str) -> None:
     assert model.config == TINY[name]
     x, y = batch(h=48, w=80)
     out = model.loss(x, y)
-    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
-    assert out["rec"].ndim == 0  # what training logs
+    assert out["rec"].ndim == 0 and torch.isfinite(out["rec"]) and out["rec"].requires_grad
+    assert "loss" not in out  # the terms only: the trainer owns beta
+    if "kl" in out:  # latent models
+        assert out["kl"].ndim == 0 and out["kl"].requires_grad
+        assert out["kl_per_dim"].shape == (model.config.latent_dim,)
     n = capped(model, 3)
     samples = model.sample(x, n, generator=gen())
     assert samples.shape == (2, n, model.config.num_classes, 48, 80)
@@ -108,7 +112,7 @@ def test_invalid_input_size_is_refused_naming_the_shape(name: str, shape: tuple[
 def test_backward_reaches_every_parameter(name: str) -> None:
     model = make(name)
     x, y = batch()
-    model.loss(x, y)["loss"].backward()
+    objective(model.loss(x, y), model.config.beta, model.config, TrainConfig()).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname
         assert torch.isfinite(p.grad).all(), pname
@@ -127,9 +131,8 @@ def test_seeded_construction_loss_and_sampling_are_deterministic(name: str) -> N
         )
     )
     x, y = batch()
-    la = a.loss(x, y, generator=gen(5))["loss"]
-    lb = b.loss(x, y, generator=gen(5))["loss"]
-    assert torch.equal(la, lb)
+    la, lb = a.loss(x, y, generator=gen(5)), b.loss(x, y, generator=gen(5))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     n = capped(a, 4)
     sa = a.sample(x, n, generator=gen(7))
     sb = b.sample(x, n, generator=gen(7))
@@ -200,7 +203,7 @@ def test_empty_masks_and_fully_ignored_images_give_finite_loss(name: str) -> Non
     y = y.masked_fill(ignore, 255)  # labels under the ignore mask are never read
     out = model.loss(x, y, ignore=ignore)
     assert all(torch.isfinite(v).all() for v in out.values())
-    out["loss"].backward()
+    objective(out, model.config.beta, model.config, TrainConfig()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -217,7 +220,7 @@ def test_loss_is_the_mean_per_image_loss(name: str, monkeypatch: pytest.MonkeyPa
     x, y = batch(b=1)
     one = model.loss(x, y)
     four = model.loss(x.repeat(4, 1, 1, 1), y.repeat(4, 1, 1))
-    for key in ("loss", "rec", "kl"):
+    for key in ("rec", "kl"):
         if key in one:
             torch.testing.assert_close(one[key], four[key], rtol=1e-5, atol=1e-5)
 

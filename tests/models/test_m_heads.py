@@ -41,7 +41,7 @@ def test_loss_on_a_hand_computed_one_pixel_case() -> None:
     target = torch.ones(1, 1, 1, dtype=torch.long)
     out = m_heads_loss(logits, target, 0.05)
     expected = 0.95 * math.log(1 + math.exp(-1)) + 0.025 * (math.log(2) + math.log(1 + math.e))
-    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["rec"].item() == pytest.approx(expected, rel=1e-6)
     assert out["rec_best"].item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
     assert out["best_head"].tolist() == [0.0, 1.0, 0.0]
 
@@ -53,8 +53,8 @@ def test_loss_matches_per_head_cross_entropy_with_ignored_pixels() -> None:
     ignore = torch.rand(3, 6, 5, generator=g) > 0.7
     out = m_heads_loss(logits, target, 0.2, ignore)
     ce = torch.stack([pixel_cross_entropy(logits[:, m], target, ignore) for m in range(4)], 1)
-    torch.testing.assert_close(out["loss"], (m_heads_weights(ce, 0.2) * ce).sum(1).mean())
-    out["loss"].backward()
+    torch.testing.assert_close(out["rec"], (m_heads_weights(ce, 0.2) * ce).sum(1).mean())
+    out["rec"].backward()
     assert (logits.grad.abs().flatten(2).sum(2) > 0).all()  # every head learns a little
 
 
@@ -84,4 +84,4 @@ def test_paper_settings() -> None:
         assert len(make(m).heads) == m
     y = torch.zeros(2, 16, 16, dtype=torch.long)
     out = make(4, head_epsilon=0.0).loss(torch.randn(2, 1, 16, 16), y)
-    torch.testing.assert_close(out["loss"], out["rec_best"])  # epsilon 0: only the best head
+    torch.testing.assert_close(out["rec"], out["rec_best"])  # epsilon 0: only the best head

@@ -163,6 +163,9 @@ def test_paper_architecture_channels_and_parameter_layout() -> None:
     assert convs_per_block == 3
     assert [m.out_channels for m in paper.fcomb.layers] == [32, 32, 32]
     assert paper.fcomb.layers[0].in_channels == 32 + 6 and paper.fcomb.logits.out_channels == 2
+    # Checkpoints name the weights by these paths (f_comb lives in its own module now).
+    assert {"unet.encoder.blocks.0.0.weight", "prior.head.weight", "posterior.head.bias",
+            "fcomb.layers.0.weight", "fcomb.logits.bias"} <= set(paper.state_dict())
 
 
 def test_sampling_uses_the_prior_spread(model: ProbUNet) -> None:

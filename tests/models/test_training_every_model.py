@@ -10,8 +10,8 @@ import torch
 from test_harness import TINY  # tests/models is on sys.path (pytest prepend mode)
 
 from lidcseg.config import TrainConfig
-from lidcseg.models.checkpoint import load_model
 from lidcseg.models import MODEL_NAMES
+from lidcseg.models.checkpoint import load_model
 from lidcseg.training import iter_metrics, train
 
 TRAIN = TrainConfig(

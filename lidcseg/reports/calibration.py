@@ -1,4 +1,8 @@
-"""Figures of ``lidcseg calibration`` (the flip task, Kohl et al. 2018, Section 4.2, Appendix C).
+"""The report of ``lidcseg calibration`` (the flip task, Kohl et al. 2018, Section 4.2, Appendix C).
+
+:func:`write_calibration` writes what :func:`lidcseg.calibration.calibrate_runs`
+computed: ``calibration.json``, ``calibration.md`` (:func:`markdown_report`) and
+the figures:
 
 - :func:`plot_ged`: GED (Eq. 7) against the number of samples, with the paper's Table 2.
 - :func:`plot_mode_frequencies`: predicted against true frequency of the 32 modes (Fig. 5):
@@ -11,20 +15,51 @@ matplotlib's Agg canvas only (no pyplot state); files are written atomically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lidcseg.flips import CLASS_COLORS, IGNORE_INDEX, NUM_MODES, SWITCHES, mode_flips
+from lidcseg.flips import (
+    CLASS_COLORS,
+    FLIP_PROBS,
+    IGNORE_INDEX,
+    NUM_MODES,
+    SWITCHES,
+    mode_flips,
+    mode_name,
+)
+from lidcseg.metrics.flips import PAPER_GED
+from lidcseg.reports.markdown import Markdown
 from lidcseg.reports.plots import _colors, _figure, save_png
+from lidcseg.reports.tables import fmt
 
 #: One letter per switch for compact mode names (S = sidewalk, P = person, C = car,
 #: V = vegetation, R = road).
 SWITCH_LETTERS: tuple[str, ...] = ("S", "P", "C", "V", "R")
 #: Where zero frequencies are drawn on log axes.
 LOG_FLOOR = 1e-3
+
+
+@dataclass
+class Examples:
+    """Scenes kept for the figure.
+
+    Attributes:
+        rows: row of each scene in the split file.
+        images: (k, 3, H, W) uint8 RGB.
+        labels: (k, H, W) int64 un-flipped; ignore: (k, H, W) bool.
+        samples: run label -> (k, n, H, W) int64 sampled label maps.
+    """
+
+    rows: list[int]
+    images: np.ndarray
+    labels: np.ndarray
+    ignore: np.ndarray
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def mode_code(k: int) -> str:
@@ -171,11 +206,11 @@ def twin_maps(label: np.ndarray, ignore: np.ndarray, samples: np.ndarray | None)
     return out
 
 
-def plot_flip_examples(examples: Any, path: str | Path, n_show: int = 2, max_runs: int = 3) -> Path:
+def plot_flip_examples(examples: Examples, path: str | Path, n_show: int = 2, max_runs: int = 3) -> Path:
     """Scenes with label, true p(twin), and per model ``n_show`` samples and the sampled p(twin).
 
     Args:
-        examples: :class:`lidcseg.calibration.Examples`.
+        examples: the scenes and their samples (:class:`Examples`).
         n_show: samples shown per model.
         max_runs: models shown at most (the first ones).
     """
@@ -218,3 +253,105 @@ def plot_flip_examples(examples: Any, path: str | Path, n_show: int = 2, max_run
         cax = fig.add_axes((0.975, 0.1, 0.008, 0.75))
         fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
     return save_png(fig, path)
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """The report as markdown: GED table with the paper's Table 2, modes, marginals, posterior."""
+    d, runs, settings = report["data"], report["runs"], report["settings"]
+    counts = settings["counts"]
+    truth = report["protocol"]["mode_probabilities"]
+    doc = Markdown("Calibration on the flip task (Kohl et al. 2018, Section 4.2, Appendix C)")
+    doc.paragraph(f"Data: {d['source']} `{d['split']}` split, {d['scenes']} scenes of {d['height']}x{d['width']}. "
+                  f"Samples per scene: {settings['samples']} (modes and marginals); seed {settings['seed']}.")
+
+    doc.heading("GED against the exact 32-mode mixture (Eq. 7)")
+    doc.paragraph("d = 1 - mean IoU over the 10 switchable classes present; V-statistic for E[d(S,S')]. "
+                  "Mean over scenes (± s.e.m.).")
+    rows = [[r["label"], *[f"{fmt(r['ged'][str(n)]['mean'])} ± {fmt(r['ged'][str(n)]['sem'])}"
+                           for n in counts]] for r in runs]
+    rows.append(["paper Prob. U-Net (Table 2)", *[fmt(PAPER_GED.get(n)) if n in PAPER_GED else "–"
+                                                   for n in counts]])
+    doc.table(["model", *[f"GED@{n}" for n in counts]], rows)
+
+    doc.heading("Mode-wise frequencies (Fig. 5)")
+    doc.paragraph("Each sample matched to its closest mode by d; scenes with all five switchable classes "
+                  "present only.")
+    rows = [[r["label"], r["modes"]["scenes"], r["modes"]["matched_samples"],
+             fmt(r["modes"]["pearson_r"]), fmt(r["modes"]["mae"], 4), fmt(r["modes"]["max_abs_error"], 4)]
+            for r in runs]
+    doc.table(["model", "scenes", "samples", "Pearson r", "MAE", "max |error|"], rows)
+    rows = []
+    for k in np.argsort(-np.asarray(truth), kind="stable"):
+        row = runs[0]["modes"]["per_mode"][k] if runs else None
+        rows.append([int(k), row["flipped"] if row else mode_name(int(k)), f"{100 * truth[k]:.2f}%",
+                     *[f"{100 * r['modes']['per_mode'][k]['frequency']:.2f}%" for r in runs]])
+    doc.table(["mode", "flipped", "true", *[r["label"] for r in runs]], rows)
+
+    doc.heading("Pixel-wise marginals p(twin | original class) (Figs. 8-10)")
+    rows = [[f"{sw.name} → {sw.name} 2", f"{sw.probability:.3f}",
+             *[fmt(r["pixels"]["per_class"][i]["p_twin"]) for r in runs]] for i, sw in enumerate(SWITCHES)]
+    rows.append(["mean abs error", "", *[fmt(r["pixels"]["mae"], 4) for r in runs]])
+    doc.table(["class", "truth", *[r["label"] for r in runs]], rows)
+
+    with_post = [r for r in runs if r.get("posterior")]
+    if with_post:
+        doc.heading("Which flips the posterior encodes")
+        doc.paragraph("Share of (scene, mode) pairs where the posterior-mean reconstruction S(X, mu_post(X, Y_k)) "
+                      "gets the switch right (0.5: not encoded, so the prior's samples cannot be calibrated "
+                      f"for it); first {settings.get('posterior_scenes')} scenes, all 32 modes.")
+        rows = [[sw.name, *[fmt(r["posterior"]["per_switch"][i]["accuracy"]) for r in with_post]]
+                for i, sw in enumerate(SWITCHES)]
+        rows.append(["all five right", *[fmt(r["posterior"]["all_right"]) for r in with_post]])
+        doc.table(["switch", *[r["label"] for r in with_post]], rows)
+    doc.paragraph("Figures: `ged.png`, `modes.png`, `marginals.png`, `examples.png`.")
+    return doc.text()
+
+
+def write_calibration(report: Mapping[str, Any], examples: Examples | None, out: str | Path) -> list[Path]:
+    """Write ``calibration.json``, ``calibration.md`` and the figures into ``out``.
+
+    Args:
+        report: what :func:`lidcseg.calibration.calibrate_runs` returns.
+        examples: the scenes of ``examples.png`` (None or no samples: no such figure).
+
+    Returns:
+        The files written.
+    """
+    from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = report["runs"]
+    truth = np.asarray(report["protocol"]["mode_probabilities"])
+    written = [out / "calibration.json", out / "calibration.md"]
+    write_json_atomic(written[0], _json_safe(report))
+    write_bytes_atomic(written[1], markdown_report(report).encode())
+    counts = report["settings"]["counts"]
+    written.append(plot_ged(
+        counts, {r["label"]: [r["ged"][str(n)]["mean"] for n in counts] for r in runs},
+        {r["label"]: [r["ged"][str(n)]["sem"] for n in counts] for r in runs}, PAPER_GED,
+        out / "ged.png"))
+    written.append(plot_mode_frequencies(
+        truth, {r["label"]: np.asarray([m["frequency"] for m in r["modes"]["per_mode"]]) for r in runs},
+        {r["label"]: (r["modes"]["pearson_r"], r["modes"]["mae"]) for r in runs}, out / "modes.png"))
+    written.append(plot_pixel_marginals(
+        [s.name for s in SWITCHES], FLIP_PROBS,
+        {r["label"]: np.asarray([p["p_twin"] for p in r["pixels"]["per_class"]]) for r in runs},
+        out / "marginals.png"))
+    if examples is not None and examples.rows and examples.samples:
+        written.append(plot_flip_examples(examples, out / "examples.png"))
+    return written
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -1,0 +1,197 @@
+"""The report of ``lidcseg evaluate`` (Fig. 4): what :mod:`lidcseg.evaluation` computed, written out.
+
+:func:`write_evaluation` writes ``summary.json`` (:func:`summary`),
+``summary.md`` (:func:`markdown_report`), ``per_image.csv``
+(:func:`per_image_rows`, columns :data:`CSV_COLUMNS`), ``ged.png`` (the GED
+distribution per run against n, as Fig. 4a) and ``examples.png`` (grader masks
+and samples of the example crops, as Fig. 3a / Appendix F).
+
+The functions read an evaluation through the small protocols below
+(:class:`lidcseg.evaluation.Evaluation` and its ``RunResult`` satisfy them), so
+this module never imports the experiment: the experiment calls the writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from lidcseg.data.eval_split import EvalSplit
+
+#: Columns of ``per_image.csv``.
+CSV_COLUMNS: tuple[str, ...] = (
+    "run", "model", "image", "patient", "n", "ged", "diversity", "hm_iou", "cross", "grader_diversity",
+)
+
+
+class RunMetrics(Protocol):
+    """One run's per-image metrics (:class:`lidcseg.evaluation.RunResult`).
+
+    ``metrics[name]`` is (len(counts), N); ``examples[position]`` the
+    (max(counts), T, T) bool samples of an example crop; ``sampling`` is
+    ``prefix`` or ``per-count``.
+    """
+
+    label: str
+    path: str
+    model: str
+    counts: tuple[int, ...]
+    metrics: dict[str, np.ndarray]
+    examples: dict[int, np.ndarray]
+    sampling: str
+    info: dict[str, Any]
+    time_s: float
+
+    def values(self, metric: str, n: int) -> np.ndarray: ...
+
+
+class EvaluationResult(Protocol):
+    """What ``lidcseg evaluate`` computed (:class:`lidcseg.evaluation.Evaluation`)."""
+
+    split: EvalSplit
+    split_name: str
+    counts: tuple[int, ...]
+    results: Sequence[RunMetrics]
+    examples: list[int]
+    comparisons: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+    @property
+    def reference(self) -> str | None: ...
+
+
+def sampling_protocol(n_max: int) -> str:
+    """How the samples of every count were drawn (``protocol.samples`` of the summary).
+
+    A run's ``sampling`` says which rule it followed: ``prefix`` (the first n of
+    one draw) or ``per-count`` (models whose ``samples_per_count`` is set).
+    """
+    return (f"{n_max} samples drawn once per image, n uses the first n; models of fixed members "
+            "(samples_per_count, e.g. unet-ensemble): sample(x, n) for each n (n members)")
+
+
+def per_image_rows(evaluation: EvaluationResult) -> list[list[Any]]:
+    """Rows of ``per_image.csv`` (:data:`CSV_COLUMNS`): one per run, image and sample count."""
+    split = evaluation.split
+    rows: list[list[Any]] = []
+    for r in evaluation.results:
+        for j, n in enumerate(r.counts):
+            for i in range(len(split)):
+                rows.append([r.label, r.model, int(split.rows[i]), split.patient[i], n,
+                             *(float(r.metrics[k][j, i]) for k in CSV_COLUMNS[5:])])
+    return rows
+
+
+def summary(evaluation: EvaluationResult) -> dict[str, Any]:
+    """The JSON summary: settings, per run and count the statistics of every metric, the tests."""
+    from lidcseg.metrics.stats import describe
+
+    runs = []
+    for r in evaluation.results:
+        per_n = {}
+        for j, n in enumerate(r.counts):
+            per_n[str(n)] = {k: describe(v[j]) for k, v in r.metrics.items()}
+        runs.append({
+            "label": r.label, "run": r.path, "model": r.model, "sampling": r.sampling,
+            "checkpoint": r.info.get("checkpoint"), "step": r.info.get("step"),
+            "time_s": round(r.time_s, 3), "metrics": per_n,
+        })
+    return {
+        "format": "lidcseg-evaluation",
+        "version": 1,
+        "split": evaluation.split_name,
+        "split_file": str(evaluation.split.path),
+        "images": len(evaluation.split),
+        "input_size": evaluation.split.input_size,
+        "counts": list(evaluation.counts),
+        "protocol": {
+            "distance": "d = 1 - IoU of the foreground; d(empty, empty) = 0",
+            "ged": _statistic(evaluation),
+            "samples": sampling_protocol(max(evaluation.counts)),
+            "hm_iou": "Hungarian matching, both sets replicated to lcm(n, graders)",
+            "wilcoxon": "two-sided signed-rank test, paired per image, zero differences dropped",
+        },
+        "settings": evaluation.settings,
+        "runs": runs,
+        "reference": evaluation.reference,
+        "wilcoxon": evaluation.comparisons,
+        "examples": [int(evaluation.split.rows[i]) for i in evaluation.examples],
+    }
+
+
+def markdown_report(evaluation: EvaluationResult, info: dict[str, Any] | None = None) -> str:
+    """``summary.md``: the metric table per run and count, and the Wilcoxon tests."""
+    from lidcseg.reports.markdown import Markdown
+    from lidcseg.reports.tables import fmt
+
+    info = info or summary(evaluation)
+    doc = Markdown(f"Evaluation on `{info['split']}` ({info['images']} images, {info['input_size']} px)")
+    doc.paragraph(
+        f"GED² (Eq. 6, d = 1 − IoU, {info['protocol']['ged']}), sample diversity E[d(S,S′)] and "
+        f"Hungarian-matched IoU, per image; mean ± sd over images, median in brackets. "
+        f"Samples: {info['protocol']['samples']}."
+    )
+    rows = []
+    for run in info["runs"]:
+        for n, m in run["metrics"].items():
+            g = m["ged"]
+            rows.append([run["label"], run["model"], n,
+                         f"{fmt(g['mean'])} ± {fmt(g['sd'])} [{fmt(g['median'])}]",
+                         f"{fmt(m['diversity']['mean'])} ± {fmt(m['diversity']['sd'])}",
+                         f"{fmt(m['hm_iou']['mean'])} ± {fmt(m['hm_iou']['sd'])}",
+                         fmt(m["grader_diversity"]["mean"])])
+    doc.table(["run", "model", "n", "GED²", "diversity", "HM-IoU", "graders E[d(Y,Y′)]"], rows)
+    if info["wilcoxon"]:
+        doc.heading(f"Wilcoxon signed-rank tests against `{info['reference']}` (paired per image)")
+        rows = [[t["other"], t["metric"], t["n"], fmt(t["mean_difference"]), fmt(t["median_difference"]),
+                 f"{t['statistic']:g}", f"{t['p_value']:.3g}", f"{t['nonzero']}/{t['images']}"]
+                for t in info["wilcoxon"]]
+        doc.table(["run", "metric", "n", "mean diff (run − ref)", "median diff", "W", "p", "pairs ≠ 0"], rows)
+    return doc.text()
+
+
+def write_evaluation(evaluation: EvaluationResult, out: str | Path) -> list[Path]:
+    """Write ``summary.json``, ``summary.md``, ``per_image.csv``, ``ged.png``, ``examples.png`` to ``out``.
+
+    ``examples.png`` only when the evaluation has example crops. Every file is
+    replaced atomically. Returns the paths written.
+    """
+    from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
+    from lidcseg.reports.plots import plot_distributions, plot_examples
+    from lidcseg.reports.tables import write_csv
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = summary(evaluation)
+    written = [out / "summary.json", out / "summary.md", out / "per_image.csv", out / "ged.png"]
+    write_json_atomic(written[0], info)
+    write_bytes_atomic(written[1], markdown_report(evaluation, info).encode())
+    write_csv(written[2], CSV_COLUMNS, per_image_rows(evaluation))
+    plot_distributions(
+        {r.label: {n: r.values("ged", n) for n in r.counts} for r in evaluation.results},
+        written[3],
+        title=f"GED² per image on {evaluation.split_name} ({len(evaluation.split)} images, "
+              f"{_statistic(evaluation)})",
+        ylabel="GED² = 2E[d(S,Y)] − E[d(S,S′)] − E[d(Y,Y′)],  d = 1 − IoU",
+    )
+    if evaluation.examples:
+        split = evaluation.split
+        pos = evaluation.examples
+        plot_examples(
+            images=split.images[pos, 0].numpy(),
+            graders=split.masks[pos].numpy(),
+            samples={r.label: np.stack([r.examples[p] for p in pos]) for r in evaluation.results},
+            titles=[f"crop {int(split.rows[p])} ({split.patient[p]})" for p in pos],
+            path=out / "examples.png",
+            title=f"Grader masks and samples on {evaluation.split_name}: crops where the graders disagree",
+        )
+        written.append(out / "examples.png")
+    return written
+
+
+def _statistic(evaluation: EvaluationResult) -> str:
+    """Which GED estimator was used: ``V-statistic`` (published) or ``U-statistic``."""
+    return "U-statistic" if evaluation.settings.get("unbiased") else "V-statistic"

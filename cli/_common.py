@@ -1,15 +1,32 @@
-"""Shared pieces of the CLI: one-line errors, argument parsing and the one rich progress bar."""
+"""Shared pieces of the CLI: one-line errors, the safety net, argument parsing and the one progress bar.
+
+Every failure reaches the user as one line on stderr and a non-zero exit:
+
+* a :class:`lidcseg.LidcsegError` (bad input, named file and problem) and a few OS errors
+  (:func:`one_line_errors`, on every command): ``error: ...``, exit 2;
+* a usage error of the command line (unknown option, a value of the wrong type): exit 2;
+* anything else is a bug (:class:`SafeGroup`, the safety net at the top): ``error: internal
+  error: ...; details in <log file>``, the traceback written to that file, exit 3. ``--debug``
+  or ``LIDCSEG_DEBUG=1`` shows the traceback instead.
+"""
+
 
 from __future__ import annotations
 
+import datetime
 import functools
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -48,9 +65,78 @@ def one_line_errors(fn: F) -> F:
 
 
 def _fail(msg: str) -> None:
+    _say(msg)
+    raise typer.Exit(code=2)
+
+
+def _say(msg: str) -> None:
     msg = " ".join(str(msg).split())  # exactly one line
     print(f"error: {msg}", file=sys.stderr)
-    raise typer.Exit(code=2)
+
+
+#: Exit code of an internal error (a bug), as opposed to 2 for bad input.
+INTERNAL_ERROR_EXIT = 3
+#: Set by ``lidcseg --debug``: unexpected exceptions show their traceback.
+debug_mode = False
+
+
+def debugging() -> bool:
+    """``--debug`` was given or ``LIDCSEG_DEBUG`` is set to something other than 0/empty."""
+    return debug_mode or os.environ.get("LIDCSEG_DEBUG", "").strip() not in ("", "0")
+
+
+def error_log_dir() -> Path:
+    """Where internal-error logs go: ``$XDG_CACHE_HOME/lidcseg/errors`` (default ``~/.cache``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "lidcseg" / "errors"
+
+
+def write_error_log(exc: BaseException, argv: list[str]) -> Path | None:
+    """Write the traceback of ``exc`` (and the command line) to a new log file; its path, or None."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = (f"lidcseg {' '.join(argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    for folder in (error_log_dir(), Path(tempfile.gettempdir()) / "lidcseg-errors"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"internal-error-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+class SafeGroup(TyperGroup):
+    """The root command: usage errors in one line, and the safety net for unexpected exceptions."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+        from typer.exceptions import Abort
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:
+            e.show()  # the help text
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            _say(e.format_message())
+            sys.exit(e.exit_code)
+        except (Abort, KeyboardInterrupt):
+            _say("interrupted")
+            sys.exit(130)
+        except Exception as e:
+            if debugging():
+                raise
+            log = write_error_log(e, argv)
+            where = f"details in {log}" if log else "run again with --debug for details"
+            _say(f"internal error: {type(e).__name__}: {e}; {where}")
+            sys.exit(INTERNAL_ERROR_EXIT)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def parse_csv(value: str | None) -> list[str] | None:
@@ -115,7 +201,8 @@ def progress_bar(
     Args:
         start: False: the bar appears at the first :meth:`Bar.start`, so that an input
             error raised before it prints no empty bar.
-        disable: show nothing (e.g. on DDP ranks other than 0).
+        disable: show nothing (e.g. on DDP ranks other than 0). Nothing is shown either when
+            stderr is not a terminal: a bar there prints only a stray empty line.
     """
     from rich.progress import (
         BarColumn,
@@ -129,7 +216,8 @@ def progress_bar(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                *(TextColumn(f) for f in fields), *([TimeRemainingColumn()] if remaining else []),
                TimeElapsedColumn()]
-    progress = Progress(*columns, console=console, transient=True, disable=disable)
+    progress = Progress(*columns, console=console, transient=True,
+                        disable=disable or not console.is_terminal)
     bar = Bar(progress, progress.add_task(label, total=total, start=start, **values), start)
     if start:
         progress.start()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, stage_progress
+from lidcseg_cli._common import one_line_errors, stage_progress
 
 if TYPE_CHECKING:
     from lidcseg.data.releases import ImportSummary
@@ -56,7 +56,7 @@ def pytorch_pickle(
     """
     from lidcseg.data.releases import import_pytorch_pickle
 
-    with stage_progress(disable=not console.is_terminal) as progress:  # no stray lines in pipes
+    with stage_progress() as progress:
         summary = import_pytorch_pickle(file, out, seed=seed, overwrite=overwrite, progress=progress)
     _report(summary)
 
@@ -74,6 +74,6 @@ def hpunet_png(
     """Import the LIDCv2 PNG crops, keeping the release's own train/val/test split."""
     from lidcseg.data.releases import import_hpunet_png
 
-    with stage_progress(disable=not console.is_terminal) as progress:  # no stray lines in pipes
+    with stage_progress() as progress:
         summary = import_hpunet_png(folder, out, overwrite=overwrite, progress=progress)
     _report(summary)

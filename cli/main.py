@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import typer
 
-from lidcseg_cli import calibration, evaluate, import_cmd, phantom, prepare, sample, train
+from lidcseg_cli import _common, calibration, evaluate, import_cmd, phantom, prepare, sample, train
 
 app = typer.Typer(
     name="lidcseg",
+    cls=_common.SafeGroup,
     help="Ambiguous lung-lesion segmentation on LIDC-IDRI with the Probabilistic U-Net "
     "(Kohl et al., NeurIPS 2018).",
     no_args_is_help=True,
@@ -33,8 +34,12 @@ def main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback of an internal error (also LIDCSEG_DEBUG=1)."
+    ),
 ) -> None:
     """Ambiguous lung-lesion segmentation on LIDC-IDRI."""
+    _common.debug_mode = debug
 
 
 app.command("phantom")(phantom.phantom)

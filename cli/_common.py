@@ -57,8 +57,9 @@ def one_line_errors(fn: F) -> F:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}")
         except OSError as e:
-            if e.errno == 28:  # ENOSPC
-                _fail(f"{e.filename or ''}: no space left on device")
+            if e.errno in (28, 122):  # ENOSPC, EDQUOT: a writer that did not name its file
+                where = f"{e.filename}: " if e.filename else ""
+                _fail(f"{where}no space left on device; free some space and run again")
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -137,6 +138,14 @@ class SafeGroup(TyperGroup):
             _say(f"internal error: {type(e).__name__}: {e}; {where}")
             sys.exit(INTERNAL_ERROR_EXIT)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def report_cleanup(manifest: dict[str, Any]) -> None:
+    """Say what the command removed of an interrupted earlier run (the manifest's file warnings)."""
+    for w in manifest.get("warnings") or []:
+        if isinstance(w, dict) and w.get("file"):
+            console.print(f"warning: {w['file']}: {w.get('warning', '')}", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def parse_csv(value: str | None) -> list[str] | None:

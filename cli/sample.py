@@ -51,7 +51,7 @@ def sample(
         ..., "--out", help="Output folder: hypotheses.nii.gz, frequency.nii.gz, summary.json "
         "(+ hypotheses.seg.dcm for DICOM input)."
     ),
-    n: int = typer.Option(16, "-n", "--n", min=1, help="Hypotheses per lesion."),
+    n: int = typer.Option(16, "-n", "--n", help="Hypotheses per lesion (1 to 32767)."),
     at: list[str] = typer.Option(
         None, "--at", help="Lesion centre in world mm, LPS (DICOM patient coordinates): x,y,z. Repeatable."
     ),
@@ -81,11 +81,16 @@ def sample(
     threads: int = typer.Option(
         0, "--threads", min=0, help="Torch CPU threads (0: torch's default; 1 is fastest on a busy machine)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an --out folder written by an earlier `lidcseg sample` "
+        "(any other folder, and one holding an input, is refused)."
+    ),
 ) -> None:
     """Sample segmentation hypotheses of lesions in a CT scan and paste them back into it."""
     from lidcseg.sampling import sample_scan
+    from lidcseg.sampling.tiles import check_hypothesis_count
 
+    check_hypothesis_count(n)  # before anything is read: at most 32767 (NIfTI-1)
     points = [parse_triple(a, "--at") for a in at or []]
     voxels = [parse_triple(a, "--at-voxel") for a in at_voxel or []]
     rel = parse_slices(slices) if slices is not None else None

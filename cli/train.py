@@ -54,7 +54,7 @@ def train(
     steps: int = typer.Option(None, "--steps", min=1, help="Training iterations (overrides the preset)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default: the config's, auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last/ checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (only a lidcseg run; any other folder is refused)."),
 ) -> None:
     """Train the Probabilistic U-Net (or a baseline) on LIDC crops.
 
@@ -65,12 +65,15 @@ def train(
     from lidcseg.config import compose
     from lidcseg.data.scenes import TASK, is_scene_data
     from lidcseg.errors import LidcsegError
+    from lidcseg.io.outputs import check_output_folder
     from lidcseg.models.registry import model_config
     from lidcseg.training import TrainEvent, load_run_config
     from lidcseg.training import train as run
+    from lidcseg.training.run_state import RUN_OUTPUT
 
     if resume and overwrite:
         raise LidcsegError("--resume and --overwrite exclude each other")
+    check_output_folder(out, RUN_OUTPUT, inputs=[data, config], overwrite=overwrite)  # not over an input
     model_cfg, train_cfg = compose(
         preset, model_defaults=model_config, task=TASK if is_scene_data(data) else "lidc", model=model,
         config_file=config, overrides=set_ or [], steps=steps, device=device,

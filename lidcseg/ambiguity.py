@@ -230,7 +230,9 @@ def ambiguity_runs(
         data_dir: folder of ``lidcseg prepare``.
         runs: run directories or checkpoint folders.
         out: report folder (``ambiguity.json``, ``ambiguity.md``, ``per_crop.csv``,
-            ``histograms.png``); None writes nothing.
+            ``histograms.png``); None writes nothing. Only a new or empty folder, or one
+            ``lidcseg ambiguity`` wrote, apart from the data and the runs
+            (:data:`lidcseg.reports.ambiguity.AMBIGUITY_OUTPUT`).
         val_split, test_split: split names.
         n: samples per crop.
         min_pixels: foreground pixels for a sample to show a lesion.
@@ -241,7 +243,8 @@ def ambiguity_runs(
     Returns:
         The JSON summary (also ``ambiguity.json``): :func:`lidcseg.reports.ambiguity.summary`.
     """
-    from lidcseg.reports.ambiguity import summary, write_ambiguity
+    from lidcseg.io.outputs import check_output_folder
+    from lidcseg.reports.ambiguity import AMBIGUITY_OUTPUT, summary, write_ambiguity
 
     if criterion not in CRITERIA:
         raise LidcsegError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
@@ -249,6 +252,9 @@ def ambiguity_runs(
         raise LidcsegError(f"need n >= 1 and min_pixels >= 1, got n={n}, min_pixels={min_pixels}")
     for name in (val_split, test_split):
         split_file(data_dir, name)
+    inputs = [data_dir, *runs]
+    if out is not None:
+        check_output_folder(out, AMBIGUITY_OUTPUT, inputs=inputs)  # before the sampling, not after
     with torch_threads(threads):
         opened = open_runs(runs, device)
         size = require_input_size(opened[0])
@@ -271,5 +277,5 @@ def ambiguity_runs(
     study = Ambiguity(splits, truth, marking, results, val_split, test_split, n, min_pixels, criterion, seed)
     info = summary(study)
     if out is not None:
-        write_ambiguity(study, out, info)
+        write_ambiguity(study, out, info, inputs)
     return info

@@ -53,6 +53,7 @@ from lidcseg.inference import (
     torch_threads,
     unique_labels,
 )
+from lidcseg.io.outputs import check_output_folder
 from lidcseg.metrics.flips import (
     DEFAULT_COUNTS,
     DEFAULT_SAMPLES,
@@ -61,7 +62,7 @@ from lidcseg.metrics.flips import (
     switch_counts,
 )
 from lidcseg.progress import Progress
-from lidcseg.reports.calibration import Examples, write_calibration
+from lidcseg.reports.calibration import CALIBRATION_OUTPUT, Examples, write_calibration
 from lidcseg.reports.examples import choose_examples
 
 #: Label of the oracle's row in the reports.
@@ -306,19 +307,24 @@ def calibrate_runs(
 
     Writes ``calibration.json``, ``calibration.md``, ``modes.png`` (Fig. 5),
     ``marginals.png`` (pixel-wise marginals), ``ged.png`` (GED vs samples with
-    the paper's Table 2) and ``examples.png`` into ``out``.
+    the paper's Table 2) and ``examples.png`` into ``out``: a new or empty folder, or one
+    ``lidcseg calibration`` wrote, apart from the data and the runs
+    (:data:`lidcseg.reports.calibration.CALIBRATION_OUTPUT`).
 
     Returns:
         The JSON report.
 
     Raises:
-        LidcsegError: no runs (and no oracle), a data folder that is not the flip
-            task, a missing split, a run that is not a flip-task model.
+        LidcsegError: no runs (and no oracle), an ``out`` this command may not write, a
+            data folder that is not the flip task, a missing split, a run that is not a
+            flip-task model.
     """
     from lidcseg.data.scenes import SceneEvalDataset, read_manifest, split_path
 
     if not runs and not oracle:
         raise LidcsegError("no run given (--run RUN, or --oracle)")
+    inputs = [data_dir, *runs]
+    check_output_folder(out, CALIBRATION_OUTPUT, inputs=inputs)  # before the sampling, not after
     manifest = read_manifest(data_dir)
     ds = SceneEvalDataset(split_path(data_dir, split), limit=max_images)
     if len(ds) == 0:
@@ -371,5 +377,5 @@ def calibrate_runs(
         "runs": results,
         "time_s": time.perf_counter() - t0,
     }
-    write_calibration(report, ex, out)
+    write_calibration(report, ex, out, inputs)
     return report

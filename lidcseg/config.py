@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lidcseg.config_io import from_dict, read_json
 from lidcseg.errors import LidcsegError
 
 T = TypeVar("T")
@@ -63,32 +64,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, source: str | Path | None = None) -> T:
-    """Build ``cls`` from a dict, refusing unknown keys with a clear message."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise LidcsegError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}", source)
-    kwargs = {}
-    for k, v in data.items():
-        default = getattr(cls, k, None) if not isinstance(fields[k].default, dataclasses._MISSING_TYPE) else None
-        kwargs[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
-    return cls(**kwargs)  # type: ignore[call-arg]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LidcsegError("config file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LidcsegError(f"not valid JSON ({e})", path) from None
-
-
 def load_json(cls: type[T], path: str | Path) -> T:
     """Load a config dataclass from a JSON file."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise LidcsegError("config must be a JSON object", path)
     return from_dict(cls, data, source=path)
@@ -148,13 +127,9 @@ class ModelConfig:
     head_epsilon: float = 0.05
 
     def __post_init__(self) -> None:
-        positive = ("in_channels", "base_channels", "num_scales", "convs_per_block", "latent_dim",
-                    "fcomb_channels", "fcomb_layers", "ensemble_size", "num_heads")
-        for field in positive:
-            if getattr(self, field) < 1:
-                raise LidcsegError(f"ModelConfig.{field} must be >= 1, got {getattr(self, field)}")
-        if self.num_classes < 2:
-            raise LidcsegError(f"ModelConfig.num_classes must be >= 2, got {self.num_classes}")
+        from lidcseg.resources import check_model_size
+
+        check_model_size(self)  # integer fields within resources.MODEL_LIMITS, floats finite, size
         if self.beta < 0:
             raise LidcsegError(f"ModelConfig.beta must be >= 0, got {self.beta}")
         if self.prior not in ("learned", "fixed"):
@@ -270,19 +245,15 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "input_size", "log_every", "val_samples",
-                     "val_max_crops", "val_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise LidcsegError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_decay_steps", "weight_decay", "seed", "aug_rotate_deg", "aug_shear",
-                     "aug_scale", "aug_elastic_magnitude", "aug_max_shift", "kl_free_bits",
-                     "beta_warmup_steps", "num_workers", "val_every", "threads"):
+        from lidcseg.resources import TRAIN_LIMITS, check_ranges
+
+        check_ranges(self, TRAIN_LIMITS)  # integer fields within their limits, floats finite
+        for name in ("weight_decay", "aug_rotate_deg", "aug_shear", "aug_scale", "aug_elastic_magnitude",
+                     "kl_free_bits"):
             if getattr(self, name) < 0:
                 raise LidcsegError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr_final <= self.lr:
             raise LidcsegError(f"need 0 < lr_final <= lr, got lr={self.lr}, lr_final={self.lr_final}")
-        if self.aug_elastic_spacing < 1:
-            raise LidcsegError(f"TrainConfig.aug_elastic_spacing must be >= 1, got {self.aug_elastic_spacing}")
         if self.grader_draw not in ("all", "real"):
             raise LidcsegError(f"TrainConfig.grader_draw must be 'all' or 'real', got {self.grader_draw!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -444,7 +415,7 @@ def apply_config_file(model: ModelConfig, train: TrainConfig,
     A run's own ``config.json`` is accepted too (its other keys are ignored).
     """
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not ({"model", "train"} & set(data)):
         raise LidcsegError('expected a JSON object with "model" and/or "train"', path)
     for part in ("model", "train"):
@@ -495,4 +466,8 @@ def compose(
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, extra)
     if model_cfg.name not in MODEL_SUMMARIES:
         raise LidcsegError(f"unknown model {model_cfg.name!r}; valid names: {', '.join(MODEL_SUMMARIES)}")
+    factor = 2 ** (model_cfg.num_scales - 1)
+    if task == "lidc" and train_cfg.input_size % factor:  # scenes are checked against their size
+        raise LidcsegError(f"train.input_size {train_cfg.input_size} must be a multiple of {factor} "
+                           f"(2^(num_scales - 1) for model.num_scales {model_cfg.num_scales})")
     return model_cfg, train_cfg

@@ -297,7 +297,9 @@ def evaluate_runs(
         runs: run directories or checkpoint folders.
         split: the split file's name.
         counts: sample counts (default 1, 4, 8, 16).
-        out: report folder (created; its files are replaced); None writes nothing.
+        out: report folder (created; its files are replaced); None writes nothing. Only a
+            new or empty folder, or one ``lidcseg evaluate`` wrote, apart from the data and
+            the runs (:data:`lidcseg.reports.evaluation.EVALUATION_OUTPUT`).
         seed: latent noise seed, the same for every run.
         unbiased: U-statistic GED and diversity.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -315,6 +317,12 @@ def evaluate_runs(
     if batch_size < 1:
         raise LidcsegError(f"batch size must be >= 1, got {batch_size}")
     split_file(data_dir, split)  # a missing split fails before any model loads
+    inputs = [data_dir, *runs]
+    if out is not None:
+        from lidcseg.io.outputs import check_output_folder
+        from lidcseg.reports.evaluation import EVALUATION_OUTPUT
+
+        check_output_folder(out, EVALUATION_OUTPUT, inputs=inputs)  # before the sampling, not after
     with torch_threads(threads):
         opened = open_runs(runs, device)
         data = load_split(data_dir, split, require_input_size(opened[0]), max_images, progress)
@@ -338,7 +346,7 @@ def evaluate_runs(
 
         if progress is not None:
             progress("write report", 0, 1)
-        write_evaluation(evaluation, out)
+        write_evaluation(evaluation, out, inputs)
         if progress is not None:
             progress("write report", 1, 1)
     return evaluation

@@ -30,7 +30,6 @@ through this module:
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from lidcseg.config import DataConfig, ModelConfig
 from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
+from lidcseg.io.jsonfile import read_json_object
 
 #: The checkpoints of a run folder, in order of preference.
 RUN_CHECKPOINTS: tuple[str, ...] = ("best", "last")
@@ -102,12 +102,9 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _json(path: Path) -> dict[str, Any]:
+    """``path`` as a JSON object; ``{}`` when it is missing or damaged (then it is not a run's)."""
+    return read_json_object(path) or {}
 
 
 def resolve_checkpoint(run: str | Path) -> tuple[Path, Path | None]:
@@ -139,7 +136,7 @@ def _is_run_config(path: Path) -> bool:
     """Whether ``path`` is a run's ``config.json`` (not a checkpoint's)."""
     from lidcseg.models.checkpoint import FORMAT_NAME
 
-    data = _read_json(path)
+    data = _json(path)
     return data.get("format") != FORMAT_NAME and "train" in data and "model" in data
 
 
@@ -161,13 +158,13 @@ def open_run(
 
     path = Path(run)
     folder, run_dir = resolve_checkpoint(path)
-    run_cfg = _read_json(run_dir / CONFIG_FILE) if run_dir is not None else {}
+    run_cfg = _json(run_dir / CONFIG_FILE) if run_dir is not None else {}
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     ckpt = load_checkpoint(folder, device=dev)
     train_meta = ckpt.meta.get("train") if isinstance(ckpt.meta.get("train"), dict) else {}
     size = input_size or train_meta.get("input_size") or (run_cfg.get("train") or {}).get("input_size")
     crop_size = (run_cfg.get("data") or {}).get("crop_size", DataConfig().crop_size)
-    ckpt_json = _read_json(folder / CONFIG_FILE)
+    ckpt_json = _json(folder / CONFIG_FILE)
     info = {
         "checkpoint": str(folder),
         "run": None if run_dir is None else str(run_dir),
@@ -300,8 +297,15 @@ def draw_logits(
         eps: (B, n, N) latent noise (only for models that take it, :func:`noise_dim`).
 
     Raises:
-        LidcsegError: the model returns another shape.
+        LidcsegError: the call would need more memory than the device has (checked before
+            it is made, :func:`lidcseg.resources.check_model_call`), or the model returns
+            another shape.
     """
+    from lidcseg.models.registry import SegmentationModel
+    from lidcseg.resources import check_model_call
+
+    config = model.config if isinstance(model, SegmentationModel) else None
+    check_model_call(x.shape[0], n, x.shape[-1], config, device=x.device)
     kwargs: dict[str, Any] = {"generator": generator}
     if eps is not None:
         kwargs["eps"] = eps.to(x.device, x.dtype)

@@ -32,11 +32,17 @@ import torch
 from lidcseg.data.eval_split import split_file
 from lidcseg.errors import LidcsegError
 from lidcseg.inference import foreground_of
+from lidcseg.io.outputs import check_output_file
+from lidcseg.resources import hypothesis_bytes
 
 #: Grid side of Fig. 6.
 DEFAULT_GRID = 19
 #: Half width of the grid in prior standard deviations.
 DEFAULT_EXTENT = 3.0
+#: Largest grid side: 101 x 101 = 10201 decoded masks, cells of a few pixels in the figure.
+MAX_GRID = 101
+#: Memory of one chunk of the grid decoded in one model call (bytes).
+DECODE_CHUNK_BYTES = 1 << 30
 
 
 @dataclass
@@ -75,6 +81,14 @@ def check_latent_model(model: torch.nn.Module, where: str | Path | None = None) 
     return n
 
 
+def check_grid(size: int, extent: float) -> None:
+    """Refuse a grid side outside 2..:data:`MAX_GRID` or an extent that is not a finite number > 0."""
+    if not 2 <= size <= MAX_GRID:
+        raise LidcsegError(f"--grid {size}: expected 2 to {MAX_GRID} points per axis ({MAX_GRID}^2 decoded masks at most)")
+    if not 0 < extent < float("inf"):
+        raise LidcsegError(f"--extent {extent}: expected a finite number > 0")
+
+
 def parse_dims(text: str | Sequence[int], latent_dim: int) -> tuple[int, int]:
     """Two distinct latent dimensions from ``"0,1"`` (or a pair), each in [0, N)."""
     try:
@@ -105,15 +119,15 @@ def decode_grid(
         image: (1, C_in, T, T) on the model's device.
         graders: (G, T, T) bool grader masks.
         dims: the plane's latent dimensions.
-        size: S, points per axis.
+        size: S, points per axis, 2..:data:`MAX_GRID`; decoded in chunks of about
+            :data:`DECODE_CHUNK_BYTES` (:func:`lidcseg.resources.hypothesis_bytes` each).
         extent: the grid covers [-extent, extent] prior sigmas.
 
     Returns:
         :class:`LatentGrid`.
     """
     n_latent = check_latent_model(model)
-    if size < 2 or extent <= 0:
-        raise LidcsegError(f"need a grid of >= 2 points and extent > 0, got {size}, {extent}")
+    check_grid(size, extent)
     a, b = dims
     mu, logsigma = model.prior(image)  # (1, N) each
     sigma = logsigma.exp()
@@ -122,8 +136,10 @@ def decode_grid(
     z = mu.expand(size * size, n_latent).clone()  # (S*S, N)
     z[:, a] = mu[0, a] + sigma[0, a] * uu_col.reshape(-1).to(mu.device)
     z[:, b] = mu[0, b] + sigma[0, b] * uu_row.reshape(-1).to(mu.device)
-    logits = model.decode(image, z[None])  # (1, S*S, C, T, T)
-    masks = foreground_of(logits)[0].reshape(size, size, *image.shape[-2:])
+    # Decoded in chunks of about DECODE_CHUNK_BYTES, so that memory does not grow with S^2.
+    chunk = max(1, DECODE_CHUNK_BYTES // hypothesis_bytes(image.shape[-1], getattr(model, "config", None)))
+    masks = torch.cat([foreground_of(model.decode(image, z[None, i : i + chunk]))[0].cpu()
+                       for i in range(0, size * size, chunk)]).reshape(size, size, *image.shape[-2:])
     g = graders.shape[0]
     y = graders.to(image.device).long()  # (G, T, T)
     x = image.expand(g, -1, -1, -1)
@@ -159,13 +175,16 @@ def latent_figure(
 
     Raises:
         LidcsegError: a missing run or split, a model without a latent space,
-            bad ``dims``, an index outside the split.
+            bad ``dims``, an index outside the split, an ``out`` that is a folder, under a
+            file, inside an input, or an existing file that is not a PNG
+            (:func:`lidcseg.io.outputs.check_output_file`).
     """
     from lidcseg.data.dataset import CropEvalDataset
     from lidcseg.inference import open_run, require_input_size
     from lidcseg.reports.plots import plot_latent_grid
 
     path = split_file(data_dir, split)
+    check_output_file(out, inputs=[run, data_dir])  # a PNG: apart from the inputs, under a folder
     opened = open_run(run, device)
     input_size = require_input_size(opened)
     n_latent = check_latent_model(opened.model, run)

@@ -98,7 +98,7 @@ def test_ambiguity_report(disc_data: Path, tmp_path: Path) -> None:
     run = make_run(tmp_path / "pun")
     out = tmp_path / "amb"
     info = ambiguity_runs(disc_data, [run], out=out, n=4, device="cpu", batch_size=3)
-    assert {p.name for p in out.iterdir()} == {"ambiguity.json", "ambiguity.md", "per_crop.csv", "histograms.png"}
+    assert {p.name for p in out.iterdir()} == {".lidcseg-output.json", "ambiguity.json", "ambiguity.md", "per_crop.csv", "histograms.png"}
     saved = json.loads((out / "ambiguity.json").read_text())
     assert saved["runs"][0]["label"] == "pun" and 0 <= saved["runs"][0]["threshold"] <= 5
     assert saved == json.loads(json.dumps(info))

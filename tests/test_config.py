@@ -101,3 +101,11 @@ def test_name_tables_match_the_registry() -> None:
     assert list(MODEL_SUMMARIES) == list(MODEL_SPECS) == list(MODEL_NAMES)
     assert MODEL_SUMMARIES == {name: spec.summary for name, spec in MODEL_SPECS.items()}
     assert list(PRESET_SUMMARIES) == list(PRESETS)
+
+
+def test_an_input_size_the_u_net_cannot_halve_is_refused_up_front() -> None:
+    with pytest.raises(LidcsegError, match=r"train.input_size 100 must be a multiple of 16"):
+        compose("paper", model_defaults=model_config, overrides=["train.input_size=100"])
+    model_cfg, train_cfg = compose("paper", model_defaults=model_config,
+                                   overrides=["train.input_size=96", "model.num_scales=4"])
+    assert train_cfg.input_size == 96 and model_cfg.num_scales == 4

@@ -290,7 +290,7 @@ def test_wilcoxon_is_called_on_paired_per_image_arrays(monkeypatch) -> None:
 def test_evaluate_writes_the_report(disc_data: Path, runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
     ev = evaluate_runs(disc_data, runs, counts=(1, 4), out=out, device="cpu", examples=2, batch_size=2)
-    assert {p.name for p in out.iterdir()} == {"summary.json", "summary.md", "per_image.csv", "ged.png", "examples.png"}
+    assert {p.name for p in out.iterdir()} == {".lidcseg-output.json", "summary.json", "summary.md", "per_image.csv", "ged.png", "examples.png"}
     with (out / "per_image.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS

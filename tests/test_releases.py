@@ -266,7 +266,7 @@ def test_existing_manifest_needs_overwrite_and_failed_overwrite_keeps_old(v1_pic
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no leftovers
     import_pytorch_pickle(v1_pickle, out, seed=1, overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["seed"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.h5", "train.h5", "val.h5"]
+    assert sorted(p.name for p in out.iterdir()) == [".lidcseg-output.json", "manifest.json", "test.h5", "train.h5", "val.h5"]
 
 
 # --------------------------------------------------------------------------- LIDCv2 PNGs
@@ -306,7 +306,7 @@ def test_png_import_keeps_release_split_and_values(v2_root: Path, tmp_path: Path
 def test_png_only_one_split_present(tmp_path: Path) -> None:
     make_v2_tree(tmp_path / "src", splits=("test",))
     summary = import_hpunet_png(tmp_path / "src", tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "test.h5"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lidcseg-output.json", "manifest.json", "test.h5"]
     assert summary.crops("test") == 2 and summary.crops("train") == 0
 
 
@@ -407,7 +407,8 @@ def test_cli_pickle_and_png(cli: Any, v1_pickle: Path, v2_root: Path, tmp_path: 
     r = cli("hpunet-png", v2_root, "--out", tmp_path / "v2")
     assert r.exit_code == 0, r.output
     assert "png-uint8" in r.stdout
-    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == ["manifest.json", "test.h5", "train.h5", "val.h5"]
+    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == [
+        ".lidcseg-output.json", "manifest.json", "test.h5", "train.h5", "val.h5"]
 
 
 def _assert_one_line_error(r: Any, *needles: str) -> None:
@@ -425,7 +426,8 @@ def test_cli_errors_are_one_line(cli: Any, v1_pickle: Path, tmp_path: Path) -> N
     evil = write_pickle(tmp_path / "evil.pickle", {"k": _Evil(os.system, f"touch {tmp_path / 'pwned'}")})
     _assert_one_line_error(cli("pytorch-pickle", evil, "--out", tmp_path / "o"), "evil.pickle", "system")
     assert not (tmp_path / "pwned").exists()
-    _assert_one_line_error(cli("hpunet-png", tmp_path, "--out", tmp_path / "o"), "no images/ and gt/")
+    (tmp_path / "src").mkdir()
+    _assert_one_line_error(cli("hpunet-png", tmp_path / "src", "--out", tmp_path / "o"), "no images/ and gt/")
     assert cli("pytorch-pickle", v1_pickle, "--out", tmp_path / "o").exit_code == 0
     _assert_one_line_error(cli("pytorch-pickle", v1_pickle, "--out", tmp_path / "o"), "--overwrite")
     assert cli("pytorch-pickle", v1_pickle, "--out", tmp_path / "o", "--overwrite").exit_code == 0

@@ -155,7 +155,8 @@ def test_nifti_outputs_keep_the_input_geometry(disc_scan: Path, run_dir: Path, t
     out = tmp_path / "out"
     result = cli(disc_scan, "--run", run_dir, "--out", out, "-n", 3, "--at", "5,3,6", "--at-voxel", "10,20,5")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["frequency.nii.gz", "hypotheses.nii.gz", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "summary.json"]
     hyp, freq = nib.load(out / "hypotheses.nii.gz"), nib.load(out / "frequency.nii.gz")
     assert hyp.shape == (*SHAPE, 3) and hyp.get_data_dtype() == np.uint8
     assert freq.shape == SHAPE and freq.get_data_dtype() == np.float32
@@ -335,7 +336,7 @@ def test_lidc_dicom_series_gives_a_valid_seg(series_dir: Path, run_dir: Path, tm
     result = cli(series_dir, "--run", run_dir, "--out", out, "-n", 2, "--lidc")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
+        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
     proc = subprocess.run(["dciodvfy", str(out / "hypotheses.seg.dcm")], capture_output=True, text=True)
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
     assert errors == []
@@ -370,7 +371,7 @@ def test_hostile_dicom_tags_never_name_files(series_dir: Path, run_dir: Path, tm
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in work.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
+        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
     assert not list(tmp_path.rglob("evil*"))
     assert pydicom.dcmread(out / "hypotheses.seg.dcm").PatientID == "../../evil"
 
@@ -446,15 +447,22 @@ def test_bad_input_is_one_line(case: str, needle: str, disc_scan: Path, run_dir:
 
 
 def test_existing_output_needs_overwrite(disc_scan: Path, run_dir: Path, tmp_path: Path) -> None:
+    """Our own output needs --overwrite; a folder that sample did not write is never replaced."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = [disc_scan, "--run", run_dir, "--out", out, "-n", 1, "--at", "5,3,6"]
+    assert cli(*args).exit_code == 0
+    before = (out / "summary.json").read_bytes()
     one_line_error(cli(*args), "exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "summary.json").read_bytes() == before
     assert cli(*args, "--overwrite").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["frequency.nii.gz", "hypotheses.nii.gz", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    one_line_error(cli(*args[:3], "--out", foreign, *args[5:], "--overwrite"), "not written by `lidcseg sample`")
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
 
 
 def test_output_that_appears_meanwhile_is_refused(tmp_path: Path) -> None:
@@ -463,13 +471,18 @@ def test_output_that_appears_meanwhile_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LidcsegError, match="--overwrite"), output_folder(out, overwrite=False) as tmp:
         (tmp / "new.txt").write_text("ours")
         out.mkdir()
-        (out / "keep.txt").write_text("theirs")
+        (out / "summary.json").write_text('{"format": "lidcseg-sample"}')  # an earlier sample's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
     with output_folder(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("ours")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lidcseg-output.json", "new.txt"]
+    other = tmp_path / "other"
+    with pytest.raises(LidcsegError, match="not written by"), output_folder(other, overwrite=True) as tmp:
+        other.mkdir()
+        (other / "keep.txt").write_text("theirs")  # someone else's, even with overwrite
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(LidcsegError, match="not a folder"), output_folder(tmp_path / "file", overwrite=True):
         pass

@@ -152,7 +152,8 @@ def test_tiny_run_learns_and_writes_run_dir(disc_data: Path, tmp_path: Path) -> 
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 40
     # No stray temporary folders from the atomic swaps.
-    assert sorted(p.name for p in run.iterdir()) == ["best", "config.json", "env.json", "last", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lidcseg-output.json", "best", "config.json", "env.json", "last", "metrics.jsonl"]
 
 
 _KILL_SCRIPT = """
@@ -308,7 +309,7 @@ def test_cli_trains_and_resumes(disc_data: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--data", "{tmp}/missing"], "data directory not found"),
-        (["--data", "{tmp}"], "missing split file train.h5"),
+        (["--data", "{tmp}/exists"], "missing split file train.h5"),
         (["--data", "{data}", "--model", "nope"], "unknown model 'nope'"),
         (["--data", "{data}", "--set", "nope=1"], "unknown field"),
         (["--data", "{data}", "--preset", "fast"], "unknown preset"),
@@ -318,7 +319,7 @@ def test_cli_trains_and_resumes(disc_data: Path, tmp_path: Path) -> None:
 )
 def test_cli_errors_are_one_line(disc_data: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "exists").mkdir()
-    (tmp_path / "exists" / "config.json").write_text("{}")
+    (tmp_path / "exists" / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
     args = [a.format(tmp=tmp_path, data=disc_data) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "run")]

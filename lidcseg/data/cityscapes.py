@@ -199,7 +199,7 @@ def prepare_cityscapes(
         out: the data folder to write (``train/val/test.h5`` and ``manifest.json``).
         height, width: output size (paper: 256 x 512).
         workers: processes decoding PNGs (the output is the same for any number).
-        overwrite: replace an existing data folder.
+        overwrite: replace an existing data folder (only one this command wrote).
         progress: ``progress(stage, done, total)``.
 
     Returns:
@@ -207,7 +207,8 @@ def prepare_cityscapes(
 
     Raises:
         LidcsegError: see :func:`find_frames` and :func:`load_frame`; an empty split;
-            an existing data folder without ``overwrite``.
+            an existing data folder without ``overwrite``; an ``out`` this command may
+            not write (:func:`lidcseg.data.scenes.store.check_out_dir`).
     """
     out = Path(out)
     if height < 1 or width < 1:
@@ -221,7 +222,7 @@ def prepare_cityscapes(
             where = ("the training cities " + ", ".join(sorted(VAL_CITIES)) if split == "val"
                      else "leftImg8bit/val" if split == "test" else "the other training cities")
             raise LidcsegError(f"no frames for the {split} split (from {where})", root)
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, source="cityscapes", inputs=[root])
     total, done = len(frames), 0
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:

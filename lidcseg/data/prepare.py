@@ -13,16 +13,23 @@ Pipeline per scan (streamed: one scan in memory per worker):
 Each finished scan leaves ``DATA/.parts/scan-<id>.h5`` and a ``.json`` record;
 a restarted run (after ``kill -9``, say) skips the scans that have a record, so
 no finished scan is redone. When every scan is done the parts are streamed
-into ``DATA/{train,val,test}.h5`` in scan-id order, so the files are the same
-whatever the number of workers or interruptions; ``manifest.json`` is written
-last and the parts are removed.
+into ``DATA/.parts/assembled-<split>.h5`` in scan-id order, so the files are the
+same whatever the number of workers or interruptions; the three are moved to
+``DATA/{train,val,test}.h5`` together, ``manifest.json`` is written last and the
+parts are removed. Temporary files left by a killed run are removed by the next
+one and named in the manifest's warnings.
+
+A full disk stops the run with one :class:`lidcseg.io.atomic.NoSpaceError` line naming
+the file; nothing half-written is left and the finished scans are kept, so the same
+command continues once space is freed. The assembly checks first that the disk has
+room for the split files (about the size of the parts).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import multiprocessing
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +42,22 @@ from lidcseg.data.crops import lesion_crops
 from lidcseg.data.split import SPLITS, split_patients
 from lidcseg.data.store import CropBatch, CropStore, CropWriter, write_crops
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import write_json_atomic
+from lidcseg.io.atomic import NoSpaceError, check_free_space, remove_temporaries, write_json_atomic
+from lidcseg.io.jsonfile import load_json_object
+from lidcseg.io.outputs import OutputKind, check_output_folder, claim_output, has_format
 from lidcseg.lidc import db
 from lidcseg.lidc.series import read_series
 
 PARTS = ".parts"
 MANIFEST = "manifest.json"
+#: What a full disk during prepare tells the user (finished scans are never redone).
+NO_SPACE_HINT = "the finished scans are kept: free some space and run the same prepare again"
+#: ``lidcseg prepare``'s output: the marker, a manifest of format ``lidcseg-prepared``, or an
+#: unfinished run (``.parts/run.json``). Any other non-empty folder is refused.
+PREPARED_OUTPUT = OutputKind(
+    "prepare", noun="output folder",
+    legacy=lambda d: has_format(MANIFEST, format="lidcseg-prepared")(d) or (d / PARTS / "run.json").is_file(),
+)
 
 
 @dataclass
@@ -96,6 +113,8 @@ def process_scan(scan_id: int, root: str, parts: str, cfg_dict: dict[str, Any]) 
             batch = CropBatch.concat(batches) if batches else CropBatch.empty(cfg.crop_size, cfg.n_graders)
             write_crops(parts_dir / f"scan-{scan.id:04d}.h5", batch)
             result.n_crops, result.n_lesions = len(batch), len(clusters)
+    except NoSpaceError as e:  # not the scan's fault: stop the run, record nothing
+        raise e.with_hint(NO_SPACE_HINT) from None
     except LidcsegError as e:
         result.status, result.reason = "skipped", str(e)
     write_json_atomic(parts_dir / f"scan-{scan.id:04d}.json", result.__dict__)
@@ -126,6 +145,15 @@ def _discover(root: Path, patients: Sequence[str] | None) -> tuple[list[str], li
     return present, skipped
 
 
+def _read_scan_record(path: Path) -> ScanResult | None:
+    """A finished scan's record of an earlier run, or None when it is damaged (the scan is redone)."""
+    try:
+        return ScanResult(**load_json_object(path, what="scan record"))
+    except (LidcsegError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+
+
 def prepare(
     lidc_root: str | Path,
     out: str | Path,
@@ -146,7 +174,9 @@ def prepare(
         patients: only these patients (default: every known patient folder).
         workers: processes working on scans in parallel.
         strict: any skipped scan or folder is fatal (nothing is written).
-        overwrite: discard an existing output or an unfinished run with other arguments.
+        overwrite: discard an existing output or an unfinished run with other arguments
+            (only what prepare wrote: a folder it did not write, or one that is, holds or
+            is inside ``lidc_root``, is refused; :mod:`lidcseg.io.outputs`).
         on_scan: progress callback ``(result, done, total)``.
 
     Returns:
@@ -168,29 +198,36 @@ def prepare(
     }
     parts = out / PARTS
     manifest_path = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise LidcsegError("output exists and is not a folder", out)
+    check_output_folder(out, PREPARED_OUTPUT, inputs=[root])
+    recover = "re-run `lidcseg prepare` with --overwrite"
     if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
+        old = load_json_object(manifest_path, what="manifest", recover=recover)
         if old.get("fingerprint") == fingerprint:
             return old
         raise LidcsegError("already holds a prepared dataset with other arguments; use --overwrite", out)
     run_file = parts / "run.json"
-    if run_file.exists() and json.loads(run_file.read_text()) != fingerprint and not overwrite:
+    if run_file.exists() and not overwrite and \
+            load_json_object(run_file, what="run record", recover=recover) != fingerprint:
         raise LidcsegError("holds an unfinished run with other arguments; use --overwrite", out)
     if overwrite:
-        for name in (*[f"{s}.h5" for s in SPLITS], MANIFEST):
-            (out / name).unlink(missing_ok=True)
+        # The old dataset stays readable until the new one is assembled (_assemble swaps it);
+        # only the parts of the old run go.
         shutil.rmtree(parts, ignore_errors=True)
+    claim_output(out, PREPARED_OUTPUT)
     parts.mkdir(parents=True, exist_ok=True)
+    # A run killed while writing leaves temporary files (the split files' beside the
+    # outputs, from versions that assembled there); remove them and say so in the manifest.
+    stale = [out / n for n in remove_temporaries(out, [*(f"{s}.h5" for s in SPLITS), MANIFEST])]
+    stale += [parts / n for n in remove_temporaries(parts)]
     write_json_atomic(run_file, fingerprint)
 
     results: dict[int, ScanResult] = {}
     todo = []
     for scan in scans:
         rec = parts / f"scan-{scan.id:04d}.json"
-        if rec.exists():
-            results[scan.id] = ScanResult(**json.loads(rec.read_text()))
+        done = _read_scan_record(rec) if rec.exists() else None
+        if done is not None:
+            results[scan.id] = done
         else:
             todo.append(scan.id)
     total = len(scans)
@@ -221,7 +258,7 @@ def prepare(
                     f.cancel()
                 raise
 
-    return _assemble(out, parts, scans, results, cfg, fingerprint, skipped_folders)
+    return _assemble(out, parts, scans, results, cfg, fingerprint, skipped_folders, stale)
 
 
 def _assemble(
@@ -232,8 +269,19 @@ def _assemble(
     cfg: DataConfig,
     fingerprint: dict[str, Any],
     skipped_folders: list[dict[str, str]],
+    stale: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Stream the per-scan parts into the split files, then write the manifest."""
+    """Stream the per-scan parts into the split files, then write the manifest.
+
+    The split files are assembled in ``parts`` (``assembled-<split>.h5``) and moved into
+    ``out`` only when all three are complete, then ``manifest.json`` is written: a kill or a
+    full disk during assembly leaves ``out`` without new split files and keeps the parts
+    for the next run. ``stale`` temporary files removed before are named in the warnings.
+
+    Raises:
+        NoSpaceError: before writing, when the disk has less free than the parts take
+            (the split files are about as large), or when it fills up while writing.
+    """
     patient_split = split_patients([s.patient_id for s in scans], cfg.seed, cfg.split_patients)
     attrs = {
         "spacing_mm": cfg.spacing_mm,
@@ -242,14 +290,21 @@ def _assemble(
         "mask_interpolation": cfg.mask_interpolation,
         "image_interpolation": cfg.image_interpolation,
     }
+    need = sum(p.stat().st_size for p in parts.glob("scan-*.h5")) + len(SPLITS) * 2**16
+    check_free_space(out, need, NO_SPACE_HINT)
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         members = [s for s in scans if patient_split[s.patient_id] == split]
-        with CropWriter(out / f"{split}.h5", cfg.crop_size, cfg.n_graders, {**attrs, "split": split}) as w:
-            for s in members:
-                part = parts / f"scan-{s.id:04d}.h5"
-                if results[s.id].status == "ok" and part.exists():
-                    w.append(CropStore(part).read_all())
+        try:
+            with CropWriter(parts / f"assembled-{split}.h5", cfg.crop_size, cfg.n_graders,
+                            {**attrs, "split": split}) as w:
+                for s in members:
+                    part = parts / f"scan-{s.id:04d}.h5"
+                    if results[s.id].status == "ok" and part.exists():
+                        with CropStore(part) as store:
+                            w.append(store.read_all())
+        except NoSpaceError as e:
+            raise e.with_hint(NO_SPACE_HINT, out / f"{split}.h5") from None
         counts[split] = {
             "crops": w.count,
             "patients": sum(1 for v in patient_split.values() if v == split),
@@ -279,8 +334,18 @@ def _assemble(
         "skipped": skipped_folders + skipped,
         "warnings": [
             {"scan_id": r.scan_id, "warning": w} for r in sorted(results.values(), key=lambda r: r.scan_id) for w in r.warnings
+        ] + [
+            {"file": str(p), "warning": "removed a temporary file left by an interrupted run"} for p in stale
         ],
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    # From here until the new manifest is written the folder reads as unfinished: an old
+    # manifest must never describe the new split files.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for split in SPLITS:
+        os.replace(parts / f"assembled-{split}.h5", out / f"{split}.h5")
+    try:
+        write_json_atomic(out / MANIFEST, manifest)
+    except NoSpaceError as e:
+        raise e.with_hint(NO_SPACE_HINT) from None
     shutil.rmtree(parts, ignore_errors=True)
     return manifest

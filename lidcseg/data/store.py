@@ -27,9 +27,9 @@ Rows in image space: row i runs along +y (posterior), column j along +x
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from lidcseg.data.h5check import Layout, check_split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import atomic_path
+from lidcseg.io.atomic import LatchedFile, atomic_path
 
 FORMAT_NAME = "lidcseg-crops"
 FORMAT_VERSION = 1
@@ -103,6 +104,10 @@ class AppendH5:
 
     Subclasses say what the file holds (:meth:`layout`) and append rows with
     :meth:`_extend`; memory stays bounded by the largest appended batch.
+
+    A full disk raises :class:`lidcseg.io.atomic.NoSpaceError` naming ``path`` (from the
+    append that hit it, or from the close); the temporary file is removed, so ``path``
+    keeps its previous content. Before the rename the file is read back and checked.
     """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any] | None = None) -> None:
@@ -121,8 +126,12 @@ class AppendH5:
     def __enter__(self) -> Any:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
+        self._f: h5py.File | None = None
         try:
-            f = h5py.File(tmp, "w", track_order=True)
+            # HDF5 writes through a LatchedFile: a full disk must never reach HDF5, whose
+            # close after a failed write crashes the interpreter (SIGSEGV).
+            self._io = LatchedFile(tmp)
+            self._f = f = h5py.File(self._io, "w", track_order=True)
             fixed, datasets = self.layout()
             for k, v in {**fixed, **self.attrs}.items():
                 f.attrs[k] = v
@@ -130,14 +139,19 @@ class AppendH5:
                 opts: dict[str, Any] = dict(compression="lzf") if per_row else {}
                 f.create_dataset(name, (0, *row), dtype, maxshape=(None, *row),
                                  chunks=(1 if per_row else 1024, *row), track_times=False, **opts)
-        except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
+            self._io.raise_error(self.path)
+        except BaseException as e:
+            self._close_quietly()
+            self._atomic.__exit__(type(e), e, e.__traceback__)
             raise
-        self._f = f
         return self
 
     def _extend(self, columns: Mapping[str, Any]) -> None:
-        """Append the same number of rows to every named dataset."""
+        """Append the same number of rows to every named dataset.
+
+        Raises:
+            NoSpaceError: the disk filled up (the file is then discarded on close).
+        """
         n = len(next(iter(columns.values())))
         if n == 0:
             return
@@ -145,10 +159,42 @@ class AppendH5:
         for name, data in columns.items():
             self._f[name].resize(b, axis=0)
             self._f[name][a:b] = data
+            self._io.raise_error(self.path)
         self.count = b
 
+    def _close_quietly(self) -> BaseException | None:
+        """Close the HDF5 file and the file under it; the first error, not raised."""
+        first: BaseException | None = None
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception as e:
+                first = e
+        if getattr(self, "_io", None) is not None:
+            self._io.close()
+        return first
+
+    def _check_written(self) -> None:
+        """Read the closed temporary file back: every dataset must hold :attr:`count` rows."""
+        try:
+            with h5py.File(self._io.path, "r") as f:
+                rows = {name: int(f[name].shape[0]) for name in f}
+        except OSError as e:
+            raise LidcsegError(f"the written file does not read back ({e.__class__.__name__})", self.path) from None
+        if any(n != self.count for n in rows.values()):
+            raise LidcsegError(f"the written file does not read back: rows {rows}, expected {self.count}", self.path)
+
     def __exit__(self, *exc: Any) -> None:
-        self._f.close()
+        error = self._close_quietly()
+        if exc[1] is None:
+            try:
+                self._io.raise_error(self.path)
+                if error is not None:
+                    raise LidcsegError(f"cannot write HDF5 ({error.__class__.__name__}: {error})", self.path)
+                self._check_written()
+            except BaseException as e:
+                self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the temporary file
+                raise
         self._atomic.__exit__(*exc)
 
 
@@ -219,30 +265,43 @@ class LazyH5:
     _len: int
     attrs: dict[str, Any]
 
+    #: Integer attributes (>= 1) that the layout depends on; set by subclasses.
+    size_attrs: tuple[str, ...] = ()
+
+    def layout(self, sizes: Mapping[str, int]) -> Layout:
+        """The datasets of a valid file, ``name -> (row shape, dtype)``, given its size attributes."""
+        raise NotImplementedError
+
+    def recover(self, attrs: Mapping[str, Any]) -> str:
+        """How to re-create a damaged file (the writing command, with ``--overwrite``)."""
+        raise NotImplementedError
+
     def _open_checked(self, path: str | Path, what: str, format_name: str, format_version: int) -> None:
-        """Check that ``path`` is a ``format_name`` file of ``format_version``; set ``path``,
-        ``attrs`` (plain Python values) and ``_len`` (rows of ``image``).
+        """Check ``path`` against ``format_name`` of ``format_version`` and :meth:`layout`
+        (:func:`lidcseg.data.h5check.check_split_file`); set ``path``, ``attrs`` (plain Python
+        values) and ``_len`` (rows of every dataset).
 
         Raises:
-            LidcsegError: missing, not HDF5, another format or version; naming the file.
+            LidcsegError: missing, not HDF5 or truncated, another format or version, missing
+                attributes or datasets, wrong shapes or dtypes, datasets of different
+                lengths; one line naming the file and how to re-create it.
         """
         self.path = Path(path)
         if not self.path.is_file():
             raise LidcsegError(f"no such {what} file", self.path)
-        try:
-            with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") != format_name:
-                    raise LidcsegError(f"not a {format_name} file", self.path)
-                version = int(f.attrs.get("format_version", -1))
-                if version != format_version:
-                    raise LidcsegError(
-                        f"{what} format version {version}, this lidcseg reads {format_version}", self.path
-                    )
-                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
-                self._len = int(f["image"].shape[0])
-        except OSError as e:
-            raise LidcsegError(f"cannot read HDF5 ({e.__class__.__name__})", self.path) from None
+        self.attrs, self._len = check_split_file(
+            self.path, what=what, format_name=format_name, format_version=format_version,
+            size_attrs=self.size_attrs, layout=self.layout, recover=self.recover)
         self._reset_handle()
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn a failed read of a file that passed the open check (a damaged chunk) into one line."""
+        try:
+            yield
+        except (OSError, UnicodeDecodeError) as e:
+            raise LidcsegError(f"cannot read {what}, the file is damaged ({e.__class__.__name__}); "
+                               f"{self.recover(self.attrs)}", self.path) from None
 
     def _reset_handle(self) -> None:
         self._file: h5py.File | None = None
@@ -280,36 +339,54 @@ class CropStore(LazyH5):
         >>> image, masks = store[0]                  # (180, 180) int16, (4, 180, 180) uint8
     """
 
+    size_attrs = ("crop_size", "n_graders")
+
     def __init__(self, path: str | Path) -> None:
         self._open_checked(path, "crop", FORMAT_NAME, FORMAT_VERSION)
         self.crop_size = int(self.attrs["crop_size"])
         self.n_graders = int(self.attrs["n_graders"])
         self._meta: dict[str, np.ndarray] | None = None
 
+    def layout(self, sizes: Mapping[str, int]) -> Layout:
+        _, datasets = CropWriter(self.path, sizes["crop_size"], sizes["n_graders"]).layout()
+        return {name: (row, dtype) for name, (row, dtype, _) in datasets.items()}
+
+    def recover(self, attrs: Mapping[str, Any]) -> str:
+        source = attrs.get("source")
+        if source in ("pytorch-pickle", "hpunet-png"):
+            return f"re-run `lidcseg import {source}` with --overwrite"
+        if attrs.get("intensity") == "HU":
+            return "re-run `lidcseg prepare` with --overwrite"
+        return "re-run `lidcseg prepare` (or `lidcseg import`) with --overwrite"
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(image (S, S) int16 HU, masks (G, S, S) uint8)`` of crop ``i``."""
         if not -self._len <= i < self._len:
             raise IndexError(i)
-        f = self._h5()
-        return f["image"][i], f["masks"][i]
+        with self._reading(f"crop {i}"):
+            f = self._h5()
+            return f["image"][i], f["masks"][i]
 
     @property
     def meta(self) -> dict[str, np.ndarray]:
         """All metadata columns, loaded once (small: a few numbers per crop)."""
         if self._meta is None:
-            f = self._h5()
-            self._meta = {}
-            for k in META_COLUMNS:
-                col = f[k][...]
-                if k == "patient_id":
-                    col = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in col], dtype=object)
-                self._meta[k] = col
+            with self._reading("the metadata columns"):
+                f = self._h5()
+                meta = {}
+                for k in META_COLUMNS:
+                    col = f[k][...]
+                    if k == "patient_id":
+                        col = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in col], dtype=object)
+                    meta[k] = col
+            self._meta = meta
         return self._meta
 
     def read_all(self) -> CropBatch:
         """Load the whole split into memory (tests and small imports only)."""
-        f = self._h5()
-        return CropBatch(f["image"][...], f["masks"][...], dict(self.meta))
+        with self._reading("the crops"):
+            f = self._h5()
+            return CropBatch(f["image"][...], f["masks"][...], dict(self.meta))
 
     def __enter__(self) -> CropStore:
         return self
@@ -317,10 +394,3 @@ class CropStore(LazyH5):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode()
-    return v

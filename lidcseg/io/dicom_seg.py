@@ -96,6 +96,26 @@ def read_source_headers(files: Sequence[Path]) -> list[Any]:
     return out
 
 
+#: Most segments of a SEG: Segment Number is an unsigned 16-bit value.
+MAX_SEGMENTS = 65535
+#: Most bytes of native (BINARY, bit-packed) Pixel Data: its length is a 32-bit value.
+MAX_PIXEL_DATA_BYTES = 0xFFFFFFFE
+
+
+def check_seg_size(pixels: int, segments: int) -> None:
+    """Refuse a SEG of more than :data:`MAX_SEGMENTS` segments, or whose bit-packed frames
+    (``pixels`` = source frames x rows x columns per segment, all frames at most) exceed
+    :data:`MAX_PIXEL_DATA_BYTES`."""
+    if not 1 <= segments <= MAX_SEGMENTS:
+        raise LidcsegError(f"-n {segments}: a DICOM SEG holds 1 to {MAX_SEGMENTS} segments (hypotheses)")
+    size = -(-pixels * segments // 8)
+    if size > MAX_PIXEL_DATA_BYTES:
+        raise LidcsegError(
+            f"-n {segments}: {segments} hypotheses of {pixels} pixels each make {size} bytes of SEG pixel "
+            f"data, more than the {MAX_PIXEL_DATA_BYTES} a DICOM file can hold; lower -n"
+        )
+
+
 def uid_from(*parts: object) -> str:
     """A deterministic DICOM UID from ``parts`` (pydicom's root and a hash of the parts)."""
     from pydicom.uid import generate_uid
@@ -125,13 +145,15 @@ def write_hypotheses_seg(
         description: SeriesDescription (sanitised and truncated to 64 characters).
 
     Raises:
-        LidcsegError: an unreadable source file; ValueError: masks of the wrong shape.
+        LidcsegError: an unreadable source file, or more segments or pixel data than a SEG
+            holds (:func:`check_seg_size`); ValueError: masks of the wrong shape.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     if masks.ndim != 4 or masks.shape[0] != len(source_files):
         raise ValueError(f"masks must be (F, R, C, n) with F = {len(source_files)}, got {masks.shape}")
+    check_seg_size(int(np.prod(masks.shape[:3])), masks.shape[3])
     sources = read_source_headers(source_files)
     n = masks.shape[3]
     algo = hd.AlgorithmIdentificationSequence(

@@ -19,6 +19,7 @@ Conventions:
 from __future__ import annotations
 
 import gzip
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GZIP_LEVEL = 1
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Longest axis a NIfTI-1 file can have: ``dim[1..7]`` are signed 16-bit integers.
+MAX_NIFTI_DIM = 32767
 
 
 @dataclass
@@ -75,31 +78,28 @@ def read_nifti(path: str | Path, *, what: str = "image", allow_nan: bool = False
         allow_nan: accept NaN/inf voxels (refused by default).
 
     Raises:
-        LidcsegError: a missing or unreadable file, not a NIfTI image, not 3-D,
-            or non-finite voxels.
+        LidcsegError: a missing or unreadable file, not a NIfTI image, not 3-D, voxels
+            that are not real numbers (complex, RGB), voxel sizes ``pixdim`` that are
+            zero, negative or non-finite where no sform overrides them, a spatial unit
+            other than mm (or unknown), more voxels
+            than memory holds (checked before reading), non-finite voxels, or a
+            singular or non-finite affine.
     """
     import nibabel as nib
 
     path = Path(path)
     if not path.is_file():
         raise LidcsegError(f"{what} file not found", path)
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for junk input
-        raise LidcsegError(f"not a readable NIfTI {what} ({type(e).__name__})", path) from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise LidcsegError(f"not a NIfTI {what} ({type(img).__name__})", path)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise LidcsegError(f"the {what} must be a 3-D volume, got shape {shape}", path)
-    if min(shape) < 1:
-        raise LidcsegError(f"the {what} is empty, shape {shape}", path)
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    except Exception as e:
-        raise LidcsegError(f"cannot read the {what}'s voxels ({type(e).__name__}: {e})", path) from None
+    # nibabel logs header repairs (a negative pixdim made positive) and numpy warns about
+    # overflowing casts on stderr: every such value is checked here instead.
+    with warnings.catch_warnings(), nib.imageglobals.LoggingOutputSuppressor():
+        warnings.simplefilter("ignore")
+        img = _load(path, what)
+        shape = _check_header(img, path, what)
+        try:
+            data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+        except Exception as e:
+            raise LidcsegError(f"cannot read the {what}'s voxels ({type(e).__name__}: {e})", path) from None
     if not allow_nan and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise LidcsegError(f"the {what} has {bad} NaN or infinite voxel(s)", path)
@@ -117,6 +117,58 @@ def read_nifti(path: str | Path, *, what: str = "image", allow_nan: bool = False
     )
 
 
+def _load(path: Path, what: str) -> Any:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for junk input
+        raise LidcsegError(f"not a readable NIfTI {what} ({type(e).__name__})", path) from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise LidcsegError(f"not a NIfTI {what} ({type(img).__name__})", path)
+    return img
+
+
+def _raw_header(img: Any, path: Path, what: str) -> Any:
+    """The header of ``path`` as written, without nibabel's repairs."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except Exception as e:  # the same junk nib.load survived
+        raise LidcsegError(f"not a readable NIfTI {what} header ({type(e).__name__})", path) from None
+
+
+def _check_header(img: Any, path: Path, what: str) -> tuple[int, int, int]:
+    """The 3-D shape of ``img``, after checking what its header promises (nothing is read)."""
+    from lidcseg.resources import check_memory
+
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise LidcsegError(f"the {what} must be a 3-D volume, got shape {shape}", path)
+    if min(shape) < 1:
+        raise LidcsegError(f"the {what} is empty, shape {shape}", path)
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise LidcsegError(f"the {what}'s voxel type {dtype} is not real numbers (NIfTI datatype "
+                           f"{int(img.header['datatype'])})", path)
+    raw = _raw_header(img, path, what)  # nibabel's header has zero/negative pixdim repaired already
+    pixdim = [float(v) for v in raw["pixdim"][1:4]]
+    if int(raw["sform_code"]) == 0 and not all(np.isfinite(v) and v > 0 for v in pixdim):
+        # Without an sform the geometry comes from pixdim; nibabel would silently use 1 or |v|.
+        raise LidcsegError(f"the {what}'s voxel sizes pixdim[1:4] = {pixdim} must be finite and > 0", path)
+    unit = raw.get_xyzt_units()[0]
+    if unit not in ("unknown", "mm"):
+        raise LidcsegError(f"the {what}'s spatial unit is {unit} (xyzt_units); lidcseg reads mm only", path)
+    n = int(np.prod(shape, dtype=np.float64))
+    check_memory(8.0 * n, f"reading the {what}'s {' x '.join(map(str, shape))} voxels", "is the header's shape right?",
+                 where=path)
+    return shape  # type: ignore[return-value]
+
+
 def make_header(
     shape: tuple[int, ...],
     dtype: np.dtype | type,
@@ -131,9 +183,14 @@ def make_header(
 
     ``qform`` defaults to ``affine``; a qform code of 0 leaves it unset. Units are
     mm; the voxel sizes are the affine's column norms (1 for a 4th axis).
+
+    Raises:
+        LidcsegError: an axis longer than :data:`MAX_NIFTI_DIM` (or empty).
     """
     import nibabel as nib
 
+    if any(not 1 <= int(s) <= MAX_NIFTI_DIM for s in shape):
+        raise LidcsegError(f"shape {tuple(shape)} does not fit a NIfTI-1 file: every axis must be 1 to {MAX_NIFTI_DIM}")
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(np.dtype(dtype))
     hdr.set_data_shape(tuple(int(s) for s in shape))

@@ -35,6 +35,8 @@ from lidcseg.io.nifti import RAS_TO_LPS, is_nifti_path, read_nifti
 
 #: Largest off-axis direction cosine accepted as "parallel to a world axis".
 AXIS_TOL = 1e-3
+#: Largest voxel size accepted, mm (as :data:`lidcseg.io.dicom.MAX_PIXEL_SPACING_MM`).
+MAX_VOXEL_MM = 100.0
 
 
 @dataclass
@@ -236,12 +238,16 @@ def read_nifti_scan(path: str | Path) -> ScanVolume:
     """Read a 3-D NIfTI CT volume (values taken as HU) into canonical axial order.
 
     Raises:
-        LidcsegError: not a NIfTI image, not 3-D, NaN voxels, or an oblique grid.
+        LidcsegError: not a NIfTI image, not 3-D, NaN voxels (:func:`lidcseg.io.nifti.read_nifti`),
+            an oblique grid, or voxels larger than :data:`MAX_VOXEL_MM`.
     """
     nii = read_nifti(path, what="scan")
     path = Path(path)
     lps = RAS_TO_LPS @ nii.affine
     axes, flips, spacing = _canonical_axes(lps, path)
+    if spacing.max() > MAX_VOXEL_MM:
+        raise LidcsegError(f"voxel size {', '.join(f'{v:.6g}' for v in spacing)} mm: larger than "
+                           f"{MAX_VOXEL_MM:g} mm is not a CT grid (check the affine's units)", path)
     shape_in = tuple(int(s) for s in nii.data.shape)
     volume = np.ascontiguousarray(_to_canonical(nii.data, axes, flips), dtype=np.float32)
     k_n = volume.shape[0]
@@ -276,8 +282,9 @@ def read_dicom_scan(folder: str | Path) -> ScanVolume:
     NIfTI's affine then has the mean spacing; a warning).
 
     Raises:
-        LidcsegError: no files, a corrupt or truncated file, several series, or
-            geometry outside the rules.
+        LidcsegError: no files, a file whose header :func:`lidcseg.io.dicom.read_header`
+            refuses (corrupt, truncated, undecodable, multi-frame, not grey, non-finite
+            geometry, RescaleSlope 0), several series, or geometry outside the rules.
     """
     from lidcseg.io.dicom import (
         check_stack,

@@ -23,13 +23,16 @@ order, as in real downloads.
 
 On request it also makes the faults real downloads have (:data:`FAULTS`), so
 that tests can check how ``prepare`` copes.
+
+The tree's root holds the marker of :mod:`lidcseg.io.outputs`: only such a tree is ever
+written into again or (``overwrite``) replaced, never a real download.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,13 @@ from scipy import ndimage
 
 from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import atomic_path
+from lidcseg.io.outputs import (
+    OutputKind,
+    OutputState,
+    check_output_folder,
+    claim_output,
+    replaced_folder,
+)
 from lidcseg.lidc import db
 
 #: Faults a phantom series can carry, for tests of ``prepare``.
@@ -144,7 +154,7 @@ def _dataset(
     ds.PatientID = scan.patient_id
     ds.PatientName = scan.patient_id
     ds.Modality = "CT"
-    ds.Manufacturer = "lidcseg phantom"
+    ds.Manufacturer = PHANTOM_MANUFACTURER
     ds.SeriesDescription = "lidcseg phantom of the LIDC-IDRI geometry"
     ds.InstanceNumber = instance
     ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(z)]
@@ -268,6 +278,35 @@ def choose_scans(patients: Sequence[str] | None, count: int | None, seed: int) -
     return [scans[i] for i in pick]
 
 
+#: What :func:`write_phantom_scan` writes as Manufacturer (0008,0070) into every file.
+PHANTOM_MANUFACTURER = "lidcseg phantom"
+
+
+def _is_old_phantom_tree(folder: Path) -> bool:
+    """A phantom tree written before the output marker: every file is a DICOM of ours.
+
+    Every file's header is read (no pixels): one file of a real download, or anything
+    else, makes the tree foreign.
+    """
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if not files:
+        return False
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer"])
+        except Exception:  # noqa: BLE001 - anything unreadable is not ours
+            return False
+        if str(getattr(ds, "Manufacturer", "")) != PHANTOM_MANUFACTURER:
+            return False
+    return True
+
+
+#: ``lidcseg phantom``'s tree: its marker, or (written before the marker existed) a tree of
+#: phantom DICOM files only; a real download is never written into or replaced.
+PHANTOM_OUTPUT = OutputKind("phantom", legacy=_is_old_phantom_tree, noun="folder",
+                            foreign="was not written by `lidcseg phantom` (a real LIDC-IDRI download?)")
+
+
 def make_phantom(
     out: str | Path,
     *,
@@ -276,9 +315,16 @@ def make_phantom(
     seed: int = 0,
     noise_hu: float = 20.0,
     faults: Mapping[str, Sequence[str]] | None = None,
+    overwrite: bool = False,
     on_scan: Callable[[PhantomScan], None] | None = None,
 ) -> list[PhantomScan]:
     """Write a phantom LIDC-IDRI under ``out``.
+
+    ``out`` must be new, an empty folder, or a phantom tree this function wrote (it holds
+    the marker of :mod:`lidcseg.io.outputs`): the scans are added to it, each file
+    replaced atomically. With ``overwrite`` such a tree is replaced whole instead (written
+    beside it, then swapped in). Any other folder, a real LIDC-IDRI download above all, is
+    refused: it is never written into or replaced.
 
     Args:
         out: destination folder (created).
@@ -287,20 +333,34 @@ def make_phantom(
         seed: seed of the choice and of every scan's intensities.
         noise_hu: Gaussian noise in HU.
         faults: patient ID -> faults to put into that patient's series.
+        overwrite: replace an existing phantom tree instead of adding to it.
         on_scan: called after each scan (progress).
+
+    Raises:
+        LidcsegError: unknown patients or faults, or an ``out`` that is not ours to write.
     """
     faults = dict(faults or {})
     scans = choose_scans(patients, count, seed)
     unknown = sorted(set(faults) - {s.patient_id for s in scans})
     if unknown:
         raise LidcsegError(f"faults name patient(s) not in the phantom: {', '.join(unknown)}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    done = []
-    for scan in scans:
-        ph = write_phantom_scan(
-            scan, out, seed=seed, noise_hu=noise_hu, faults=faults.get(scan.patient_id, ())
-        )
-        done.append(ph)
-        if on_scan is not None:
-            on_scan(ph)
-    return done
+    out = Path(out)
+    state = check_output_folder(out, PHANTOM_OUTPUT, overwrite=overwrite)
+
+    def write_all(root: Path) -> list[PhantomScan]:
+        done = []
+        for scan in scans:
+            ph = write_phantom_scan(
+                scan, root, seed=seed, noise_hu=noise_hu, faults=faults.get(scan.patient_id, ())
+            )
+            ph = replace(ph, series_dir=out / ph.series_dir.relative_to(root))
+            done.append(ph)
+            if on_scan is not None:
+                on_scan(ph)
+        return done
+
+    if overwrite and state is OutputState.OURS:
+        with replaced_folder(out, PHANTOM_OUTPUT, overwrite=True) as tmp:
+            return write_all(tmp)
+    claim_output(out, PHANTOM_OUTPUT)
+    return write_all(out)

@@ -6,7 +6,9 @@ only for the slices that are needed, which keeps memory per scan small.
 
 Validation rules (:func:`validate_against_db`):
 
-* every file is a readable, complete DICOM image of the scan's series and study;
+* every file is a readable, complete DICOM image of the scan's series and study, whose
+  header passes :func:`lidcseg.io.dicom.read_header` (finite geometry, pixel spacing > 0,
+  a decodable transfer syntax, one grey frame, a RescaleSlope other than 0);
 * images are axial (ImageOrientationPatient ``1,0,0,0,1,0``), one size and one
   pixel spacing throughout;
 * duplicated z positions: the file with the lower InstanceNumber is kept, as

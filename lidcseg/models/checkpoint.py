@@ -25,7 +25,7 @@ from torch import nn
 
 from lidcseg.config import ModelConfig, from_dict, to_dict
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import atomic_path, write_json_atomic
+from lidcseg.io.atomic import atomic_path, check_free_space, write_json_atomic
 
 FORMAT_NAME = "lidcseg-checkpoint"
 FORMAT_VERSION = 1
@@ -78,6 +78,10 @@ def save_checkpoint(
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        NoSpaceError: the disk cannot hold the weights (checked before writing) or filled
+            up; nothing half-written is left.
     """
     from safetensors.torch import save_file
 
@@ -91,6 +95,7 @@ def save_checkpoint(
     for k, v in (extra_tensors or {}).items():
         tensors[EXTRA_PREFIX + k] = v.detach().cpu().contiguous()
     weights = folder / WEIGHTS_FILE
+    check_free_space(folder, sum(t.element_size() * t.nelement() for t in tensors.values()) + 2**16)
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "lidcseg": FORMAT_NAME})
     write_json_atomic(
@@ -121,11 +126,19 @@ def load_checkpoint(
         device: where the model and extra tensors go.
         expected_name: refuse a checkpoint of another model (``ModelConfig.name``).
 
+    Weights are loaded as they are, never converted: a tensor of another dtype than
+    the model's (float64, float16, int8, ...) is refused rather than cast. lidcseg
+    writes every tensor in the model's own dtype, so another dtype means weights
+    from elsewhere, and a cast would either lose precision without a word or
+    (from int8) make numbers that were never trained. NaN or infinite values in
+    any floating tensor (a run that diverged, a damaged file) are refused too.
+
     Raises:
         LidcsegError: missing or unreadable files, a config of another kind or
             version, a corrupt or non-safetensors weights file, a weights file
-            changed since its config was written, or weights that do not fit
-            the architecture.
+            changed since its config was written, weights that do not fit
+            the architecture, a tensor of another dtype than the model's, or
+            NaN/infinite weights; each naming the file (and the tensor).
     """
     folder = checkpoint_dir(dir_or_path)
     if not folder.is_dir():
@@ -146,6 +159,7 @@ def load_checkpoint(
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
     model = _build_uninitialised(cfg)
     _check_state(model, state, cfg.name, weights_path)
+    _check_values(model, tensors, weights_path)
     model.load_state_dict(state, strict=True)  # copies: keeps the model's memory format
     model.to(device).eval()
     meta = data.get("meta") or {}
@@ -230,6 +244,25 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LidcsegError(f"not a valid safetensors file ({reason})", path) from None
+
+
+def _check_values(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a tensor of another dtype than the model's, and NaN/inf in any floating tensor."""
+    expected = model.state_dict()
+    for k in sorted(tensors):
+        v = tensors[k]
+        if k in expected and v.dtype != expected[k].dtype:
+            raise LidcsegError(
+                f"tensor {k!r} is {str(v.dtype).removeprefix('torch.')}, the model's is "
+                f"{str(expected[k].dtype).removeprefix('torch.')}: lidcseg loads weights in the model's own "
+                "dtype and does not convert them; save them as the model's dtype", path,
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise LidcsegError(
+                f"tensor {k!r} has {bad} NaN or infinite value(s) (a diverged run or a damaged file); "
+                "use another checkpoint or start a new run", path,
+            )
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:

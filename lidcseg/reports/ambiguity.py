@@ -4,7 +4,8 @@
 ``ambiguity.md`` (the table of each run's threshold and test scores),
 ``per_crop.csv`` (:data:`CSV_COLUMNS`: one row per run, split and crop) and
 ``histograms.png`` (samples showing a lesion per test crop, ambiguous vs
-unambiguous, one panel per run, as Fig. 12).
+unambiguous, one panel per run, as Fig. 12). It writes only into a new or empty
+folder, or one ``lidcseg ambiguity`` wrote (:data:`AMBIGUITY_OUTPUT`).
 
 The functions read the study through the small protocols below
 (:class:`lidcseg.ambiguity.Ambiguity` and its results satisfy them), so this
@@ -13,18 +14,22 @@ module never imports the experiment: the experiment calls the writer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from lidcseg.data.eval_split import EvalSplit
+from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 
 #: Columns of ``per_crop.csv``.
 CSV_COLUMNS: tuple[str, ...] = (
     "run", "model", "split", "image", "patient", "graders_marking", "ambiguous", "count", "predicted",
 )
+#: ``lidcseg ambiguity``'s report folder: the marker, or an ``ambiguity.json`` of this format.
+AMBIGUITY_OUTPUT = OutputKind("ambiguity", noun="report folder",
+                              legacy=has_format("ambiguity.json", format="lidcseg-ambiguity"))
 
 
 class Threshold(Protocol):
@@ -125,18 +130,27 @@ def per_crop_rows(study: AmbiguityStudy) -> list[list[Any]]:
     return rows
 
 
-def write_ambiguity(study: AmbiguityStudy, out: str | Path, info: dict[str, Any] | None = None) -> list[Path]:
+def write_ambiguity(
+    study: AmbiguityStudy,
+    out: str | Path,
+    info: dict[str, Any] | None = None,
+    inputs: Iterable[str | Path | None] | None = None,
+) -> list[Path]:
     """Write ``ambiguity.json``, ``ambiguity.md``, ``per_crop.csv`` and ``histograms.png`` to ``out``.
 
     ``info`` is :func:`summary` of ``study`` (computed when None). Every file is
-    replaced atomically. Returns the paths written.
+    replaced atomically. ``out`` is checked first (:func:`lidcseg.io.outputs.open_output_folder`; ``inputs``
+    default to the splits' folders and the runs) and marked as this command's. Returns
+    the paths written.
     """
     from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
     from lidcseg.reports.plots import plot_presence_histograms
     from lidcseg.reports.tables import fmt, write_csv
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if inputs is None:
+        inputs = [*(s.path.parent for s in study.splits.values()), *(r.path for r in study.results)]
+    open_output_folder(out, AMBIGUITY_OUTPUT, inputs=inputs)
     info = info or summary(study)
     written = [out / "ambiguity.json", out / "ambiguity.md", out / "per_crop.csv", out / "histograms.png"]
     write_json_atomic(written[0], info)

@@ -10,13 +10,14 @@ the figures:
 - :func:`plot_pixel_marginals`: p(twin | original class) per switchable class against the truth.
 - :func:`plot_flip_examples`: scenes, their labels, samples and the maps of p(twin) (Figs. 8-10).
 
-matplotlib's Agg canvas only (no pyplot state); files are written atomically.
+matplotlib's Agg canvas only (no pyplot state); files are written atomically, only into a
+new or empty folder or one ``lidcseg calibration`` wrote (:data:`CALIBRATION_OUTPUT`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lidcseg.flips import (
     mode_flips,
     mode_name,
 )
+from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 from lidcseg.metrics.flips import PAPER_GED
 from lidcseg.reports.markdown import Markdown
 from lidcseg.reports.plots import _colors, _figure, save_png
@@ -310,12 +312,30 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     return doc.text()
 
 
-def write_calibration(report: Mapping[str, Any], examples: Examples | None, out: str | Path) -> list[Path]:
+def _is_calibration(folder: Path) -> bool:
+    """A report of an earlier version: ``calibration.json`` with its runs and protocol."""
+    return has_format("calibration.json", runs=..., protocol=...)(folder)
+
+
+#: ``lidcseg calibration``'s report folder (:mod:`lidcseg.io.outputs`).
+CALIBRATION_OUTPUT = OutputKind("calibration", noun="report folder", legacy=_is_calibration)
+
+
+def write_calibration(
+    report: Mapping[str, Any],
+    examples: Examples | None,
+    out: str | Path,
+    inputs: Iterable[str | Path | None] | None = None,
+) -> list[Path]:
     """Write ``calibration.json``, ``calibration.md`` and the figures into ``out``.
 
     Args:
         report: what :func:`lidcseg.calibration.calibrate_runs` returns.
         examples: the scenes of ``examples.png`` (None or no samples: no such figure).
+        out: the report folder: new, empty, or one this command wrote
+            (:func:`lidcseg.io.outputs.open_output_folder`); it is marked as this command's.
+        inputs: the data folder and runs, which ``out`` must keep apart from (default:
+            those the report names).
 
     Returns:
         The files written.
@@ -323,7 +343,10 @@ def write_calibration(report: Mapping[str, Any], examples: Examples | None, out:
     from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if inputs is None:
+        inputs = [report.get("data", {}).get("dir"),
+                  *(r.get("info", {}).get("checkpoint") for r in report.get("runs", []))]
+    open_output_folder(out, CALIBRATION_OUTPUT, inputs=inputs)
     runs = report["runs"]
     truth = np.asarray(report["protocol"]["mode_probabilities"])
     written = [out / "calibration.json", out / "calibration.md"]

@@ -4,7 +4,8 @@
 ``summary.md`` (:func:`markdown_report`), ``per_image.csv``
 (:func:`per_image_rows`, columns :data:`CSV_COLUMNS`), ``ged.png`` (the GED
 distribution per run against n, as Fig. 4a) and ``examples.png`` (grader masks
-and samples of the example crops, as Fig. 3a / Appendix F).
+and samples of the example crops, as Fig. 3a / Appendix F). It writes only into a
+new or empty folder, or one ``lidcseg evaluate`` wrote (:data:`EVALUATION_OUTPUT`).
 
 The functions read an evaluation through the small protocols below
 (:class:`lidcseg.evaluation.Evaluation` and its ``RunResult`` satisfy them), so
@@ -13,18 +14,22 @@ this module never imports the experiment: the experiment calls the writer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from lidcseg.data.eval_split import EvalSplit
+from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 
 #: Columns of ``per_image.csv``.
 CSV_COLUMNS: tuple[str, ...] = (
     "run", "model", "image", "patient", "n", "ged", "diversity", "hm_iou", "cross", "grader_diversity",
 )
+#: ``lidcseg evaluate``'s report folder: the marker, or a ``summary.json`` of this format.
+EVALUATION_OUTPUT = OutputKind("evaluate", noun="report folder",
+                               legacy=has_format("summary.json", format="lidcseg-evaluation"))
 
 
 class RunMetrics(Protocol):
@@ -153,18 +158,24 @@ def markdown_report(evaluation: EvaluationResult, info: dict[str, Any] | None = 
     return doc.text()
 
 
-def write_evaluation(evaluation: EvaluationResult, out: str | Path) -> list[Path]:
+def write_evaluation(
+    evaluation: EvaluationResult, out: str | Path, inputs: Iterable[str | Path | None] | None = None
+) -> list[Path]:
     """Write ``summary.json``, ``summary.md``, ``per_image.csv``, ``ged.png``, ``examples.png`` to ``out``.
 
     ``examples.png`` only when the evaluation has example crops. Every file is
-    replaced atomically. Returns the paths written.
+    replaced atomically. ``out`` is checked first (:func:`lidcseg.io.outputs.open_output_folder`; ``inputs``
+    default to the split's folder and the runs) and marked as this command's. Returns the
+    paths written.
     """
     from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
     from lidcseg.reports.plots import plot_distributions, plot_examples
     from lidcseg.reports.tables import write_csv
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if inputs is None:
+        inputs = [evaluation.split.path.parent, *(r.path for r in evaluation.results)]
+    open_output_folder(out, EVALUATION_OUTPUT, inputs=inputs)
     info = summary(evaluation)
     written = [out / "summary.json", out / "summary.md", out / "per_image.csv", out / "ged.png"]
     write_json_atomic(written[0], info)

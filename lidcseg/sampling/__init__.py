@@ -63,6 +63,7 @@ from lidcseg.sampling.lesions import DEFAULT_POINT_SLICES, Lesion, locate_lesion
 from lidcseg.sampling.outputs import (
     FREQUENCY_FILE,
     HYPOTHESES_FILE,
+    SAMPLE_OUTPUT,
     SEG_FILE,
     SUMMARY_FILE,
     SUMMARY_FORMAT,
@@ -77,6 +78,7 @@ from lidcseg.sampling.tiles import (
     Pasted,
     Tiles,
     centre_tile_offset,
+    check_hypothesis_count,
     cut_tiles,
     draw_hypotheses,
     hypothesis_volume,
@@ -84,7 +86,7 @@ from lidcseg.sampling.tiles import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "DEFAULT_POINT_SLICES", "FREQUENCY_FILE", "HYPOTHESES_FILE", "SEG_FILE",
+    "DEFAULT_BATCH_SIZE", "DEFAULT_POINT_SLICES", "FREQUENCY_FILE", "HYPOTHESES_FILE", "SAMPLE_OUTPUT", "SEG_FILE",
     "SUMMARY_FILE", "SUMMARY_FORMAT", "Lesion", "Pasted", "Progress", "SampleResult", "Tiles",
     "build_summary", "centre_tile_offset", "check_output", "cut_tiles", "draw_hypotheses",
     "hypothesis_volume", "lesion_stats", "locate_lesions", "output_folder", "paste_back",
@@ -140,8 +142,10 @@ def sample_scan(
     Args:
         scan_path: a NIfTI CT volume or a DICOM series folder.
         run: a ``lidcseg train`` run directory or a checkpoint folder.
-        out: the output folder (written whole at the end; refused if it exists
-            unless ``overwrite``).
+        out: the output folder (written whole at the end). An existing one is replaced
+            only with ``overwrite`` and only if ``lidcseg sample`` wrote it; one that is,
+            holds or is inside an input (scan, run, lesion mask) is refused
+            (:func:`~lidcseg.sampling.outputs.output_folder`).
         n: hypotheses per lesion.
         seed: seed of the noise; the same seed gives identical arrays.
         shared_eps: share eps across a lesion's slices (default) or draw per slice.
@@ -159,13 +163,13 @@ def sample_scan(
         LidcsegError: any bad input; then nothing is written.
     """
     out = Path(out)
-    if n < 1:
-        raise LidcsegError(f"n must be >= 1, got {n}")
+    check_hypothesis_count(n)
     if batch_size < 1:
         raise LidcsegError(f"batch size must be >= 1, got {batch_size}")
     if seed < 0:
         raise LidcsegError(f"seed must be >= 0, got {seed}")
-    check_output(out, overwrite)
+    inputs = (scan_path, run, lesions_mask)
+    check_output(out, overwrite, inputs)
 
     def report(stage: str, done: int = 0, total: int = 1) -> None:
         if progress is not None:
@@ -207,7 +211,7 @@ def sample_scan(
         summary = build_summary(scan_path, scan, lesions, pasted, model_info=opened.info, data=opened.data,
                                 input_size=size, n=n, seed=seed, noise=noise, shared_eps=shared_eps)
         digest = json.dumps(summary, sort_keys=True)
-        with output_folder(out, overwrite) as tmp:
+        with output_folder(out, overwrite, inputs) as tmp:
             write_outputs(tmp, scan, pasted, n, summary, seg_uid_parts=[digest],
                           algorithm=(f"lidcseg {opened.info['name']}", __version__))
         lap("write")

@@ -4,14 +4,15 @@ An output folder ``lidcseg sample --out`` holds :data:`HYPOTHESES_FILE` (I, J, K
 uint8, :data:`FREQUENCY_FILE` (I, J, K) float32, :data:`SUMMARY_FILE` (format
 :data:`SUMMARY_FORMAT`: input, model, protocol, noise and per-lesion statistics)
 and, for a DICOM input, :data:`SEG_FILE`. It is filled in a temporary folder
-(:func:`output_folder`) and swapped in whole at the end. File names are fixed,
+(:func:`output_folder`), marked as ``lidcseg sample``'s and swapped in whole at the end;
+only a folder that ``lidcseg sample`` wrote is ever replaced. File names are fixed,
 never built from DICOM tags.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import numpy as np
 
 from lidcseg import __version__
 from lidcseg.config import DataConfig
-from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import atomic_dir, write_json_atomic
+from lidcseg.io.atomic import write_json_atomic
+from lidcseg.io.outputs import OutputKind, check_output_folder, has_format, replaced_folder
 from lidcseg.io.scan import ScanVolume, scan_info
 from lidcseg.sampling.lesions import Lesion
 from lidcseg.sampling.tiles import Pasted, hypothesis_volume
@@ -182,24 +183,21 @@ def write_outputs(
     write_json_atomic(folder / SUMMARY_FILE, summary)
 
 
-@contextlib.contextmanager
-def output_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+#: ``lidcseg sample``'s output folder: the marker, or a ``summary.json`` of :data:`SUMMARY_FORMAT`.
+SAMPLE_OUTPUT = OutputKind("sample", legacy=has_format(SUMMARY_FILE, format=SUMMARY_FORMAT))
+
+
+def output_folder(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> ContextManager[Path]:
     """Yield a fresh temporary folder beside ``out``; on success it becomes ``out``.
 
-    On any error the temporary folder is removed and ``out`` is untouched. An
-    existing ``out`` is replaced only with ``overwrite`` (checked again before the
-    swap of :func:`lidcseg.io.atomic.atomic_dir`).
+    On any error the temporary folder is removed and ``out`` is untouched. An existing
+    ``out`` is replaced only if ``lidcseg sample`` wrote it, only with ``overwrite``, and
+    never when it is, holds or is inside one of the ``inputs``
+    (:func:`lidcseg.io.outputs.replaced_folder`: checked again before the swap).
     """
-    check_output(out, overwrite)
-    with atomic_dir(out) as tmp:
-        yield tmp
-        check_output(out, overwrite)
+    return replaced_folder(out, SAMPLE_OUTPUT, inputs=inputs, overwrite=overwrite)
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output (without ``overwrite``) or one that is not a folder."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise LidcsegError("output exists and is not a folder", out)
-        if not overwrite:
-            raise LidcsegError("output folder exists; pass --overwrite to replace it", out)
+def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse an output folder ``lidcseg sample`` may not replace (see :func:`output_folder`)."""
+    check_output_folder(out, SAMPLE_OUTPUT, inputs=inputs, replace=True, overwrite=overwrite)

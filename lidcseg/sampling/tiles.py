@@ -19,17 +19,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lidcseg.config import DataConfig
+from lidcseg.config import DataConfig, ModelConfig
 from lidcseg.data.crops import resample_to_grid
 from lidcseg.data.transforms import normalize_hu
 from lidcseg.errors import LidcsegError
 from lidcseg.inference import draw_foreground, lesion_noise, noise_dim
+from lidcseg.io.dicom_seg import check_seg_size
+from lidcseg.io.nifti import MAX_NIFTI_DIM
 from lidcseg.io.scan import ScanVolume
 from lidcseg.lidc.series import Series
+from lidcseg.resources import check_memory, check_model_call
 from lidcseg.sampling.lesions import Lesion
 
 #: Tiles per model call.
 DEFAULT_BATCH_SIZE = 32
+#: Most hypotheses per lesion: hypotheses.nii.gz holds them on its 4th axis, whose length
+#: is a signed 16-bit integer in the NIfTI-1 header (a DICOM SEG would allow 65535 segments).
+MAX_HYPOTHESES = MAX_NIFTI_DIM
+
+
+def check_hypothesis_count(n: int) -> None:
+    """Refuse ``n`` hypotheses outside 1..:data:`MAX_HYPOTHESES` (before anything is read)."""
+    if not 1 <= n <= MAX_HYPOTHESES:
+        raise LidcsegError(
+            f"-n {n}: expected 1 to {MAX_HYPOTHESES} hypotheses (the 4th axis of hypotheses.nii.gz "
+            "is a 16-bit NIfTI-1 dimension)"
+        )
 
 
 # -- tiles ------------------------------------------------------------------------------------
@@ -44,12 +59,15 @@ class Tiles:
         lesion: (B,) index into the lesion list of each tile.
         k: (B,) canonical slice of each tile.
         offset: (row, col) of the T x T tile's first pixel inside the S x S crop.
+        seg_pixels: DICOM input: pixels of one hypothesis in the SEG (distinct slices x rows x
+            columns of the scan); 0 for NIfTI input (no SEG).
     """
 
     images: torch.Tensor
     lesion: np.ndarray
     k: np.ndarray
     offset: tuple[int, int]
+    seg_pixels: int = 0
 
 
 def centre_tile_offset(crop_size: int, input_size: int) -> tuple[int, int]:
@@ -96,6 +114,7 @@ def cut_tiles(
         lesion=np.array([i for i, _ in pairs], np.int64),
         k=np.array([k for _, k in pairs], np.int64),
         offset=centre_tile_offset(s, input_size),
+        seg_pixels=len({k for _, k in pairs}) * scan.shape[1] * scan.shape[2] if scan.kind == "dicom" else 0,
     )
 
 
@@ -124,7 +143,7 @@ def draw_hypotheses(
     Args:
         model: a model with ``sample(x, n, generator=..., eps=...)``.
         tiles: from :func:`cut_tiles`.
-        n: hypotheses.
+        n: hypotheses, 1..:data:`MAX_HYPOTHESES`.
         seed: seed of the noise (a CPU ``torch.Generator``).
         shared_eps: one eps per lesion and hypothesis, shared by its slices; False: one per tile.
         batch_size: tiles per model call.
@@ -138,10 +157,18 @@ def draw_hypotheses(
         draws its own noise per tile from the generator). Models without a latent space
         ignore eps.
     """
-    if n < 1:
-        raise LidcsegError(f"n must be >= 1, got {n}")
+    check_hypothesis_count(n)
     device = torch.device(device)
     b = tiles.images.shape[0]
+    side = tiles.images.shape[-1]
+    cfg = getattr(model, "config", None)
+    per_call = min(batch_size, b)
+    if tiles.seg_pixels:
+        check_seg_size(tiles.seg_pixels, n)
+    check_memory(2 * b * n * side * side + tiles.seg_pixels * n,
+                 f"-n {n} hypotheses of {b} {side}x{side} tiles" + (" and their SEG" if tiles.seg_pixels else ""),
+                 "lower -n")
+    check_model_call(per_call, n, side, cfg if isinstance(cfg, ModelConfig) else None, device=device)
     gen = torch.Generator().manual_seed(int(seed))
     dim = noise_dim(model)
     eps = None
@@ -150,7 +177,6 @@ def draw_hypotheses(
         n_lesions = int(tiles.lesion.max()) + 1 if b else 0
         eps = lesion_noise(n_lesions, tiles.lesion, n, dim, gen, shared_eps)
         noise_kind = "shared" if shared_eps else "independent"
-    side = tiles.images.shape[-1]
     masks = np.empty((b, n, side, side), bool)
     for s in range(0, b, batch_size):
         x = tiles.images[s : s + batch_size].to(device)

@@ -9,6 +9,7 @@ their own cadences (:mod:`lidcseg.training.run_state`).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -22,9 +23,12 @@ from torch import nn
 
 from lidcseg.config import ModelConfig, TrainConfig
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import atomic_dir, recover_dir, write_json_atomic
+from lidcseg.io.atomic import NoSpaceError, atomic_dir, recover_dir, write_json_atomic
+from lidcseg.io.outputs import claim_output
 from lidcseg.training.distributed import Dist, autocast_for, init_distributed, run_device
 from lidcseg.training.run_state import (
+    RUN_OUTPUT,
+    STATE_JSON,
     append_jsonl,
     check_data,
     check_fresh,
@@ -95,6 +99,9 @@ def train(
         LidcsegError: missing data, an existing run without ``resume``/``overwrite``,
             nothing to resume, configs that do not match the run, or a non-finite
             loss (the last good checkpoint is kept).
+        NoSpaceError: the disk filled up (naming the file). ``last/`` keeps the previous
+            checkpoint (it is replaced only once the new one is complete) and
+            ``metrics.jsonl`` has no torn line, so ``resume`` continues once space is freed.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -103,11 +110,22 @@ def train(
     dist = init_distributed(train_cfg)
     try:
         return _train(data_dir, model_cfg, train_cfg, out_dir, resume, overwrite, callback, dist)
+    except NoSpaceError as e:
+        raise e.with_hint(_no_space_hint(out_dir)) from None
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
         torch.set_num_threads(threads)  # process-wide settings go back as they were
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _no_space_hint(out_dir: Path) -> str:
+    """What to do after a full disk stopped a run: resume from ``last/`` if there is one."""
+    try:
+        step = int(json.loads((out_dir / "last" / STATE_JSON).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint was written yet: free some space and start the run again"
+    return f"last/ keeps step {step}: free some space and continue with --resume"
 
 
 def _datasets(
@@ -175,7 +193,7 @@ def _train(
         dist.barrier()
         check_resume(out_dir, model_cfg, cfg)
     else:
-        check_fresh(out_dir, overwrite)
+        check_fresh(out_dir, overwrite, inputs=(data_dir,))
     dist.barrier()  # every rank has looked before rank 0 changes anything
 
     # Data first: a bad file fails before any output is written.
@@ -202,7 +220,7 @@ def _train(
             truncate_metrics(out_dir / "metrics.jsonl", start)
         elif overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
             shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_output(out_dir, RUN_OUTPUT)
         write_json_atomic(out_dir / "config.json", run_config(data_dir, model_cfg, cfg, train_ds, dist))
         write_json_atomic(out_dir / "env.json", environment(device, dist))
     dist.barrier()

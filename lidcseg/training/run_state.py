@@ -15,10 +15,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from lidcseg.config import ModelConfig, TrainConfig, from_dict, to_dict
+from lidcseg.config import ModelConfig, TrainConfig, to_dict
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import write_bytes_atomic, write_json_atomic
+from lidcseg.io.atomic import (
+    atomic_path,
+    check_free_space,
+    is_no_space,
+    no_space,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from lidcseg.io.outputs import OutputKind, OutputState, check_output_folder, has_format
 from lidcseg.training.distributed import Dist
+from lidcseg.training.run_checks import NEW_RUN, metric_rows, read_run_configs, read_state
 from lidcseg.training.schedule import lr_schedule
 
 #: Fields that may differ between a run and its resumption (they do not change the
@@ -62,23 +72,29 @@ def check_data(data_dir: Path) -> tuple[Path, Path]:
     return paths
 
 
-def check_fresh(out_dir: Path, overwrite: bool) -> None:
+def _is_run(folder: Path) -> bool:
+    """A run of any lidcseg version: ``metrics.jsonl``, or a ``config.json`` with both configs."""
+    return (folder / "metrics.jsonl").is_file() or has_format("config.json", model=..., train=...)(folder)
+
+
+#: ``lidcseg train``'s run directory (:mod:`lidcseg.io.outputs`).
+RUN_OUTPUT = OutputKind("train", legacy=_is_run, noun="run directory",
+                        foreign="is not a lidcseg run (not written by `lidcseg train`)")
+
+
+def check_fresh(out_dir: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
     """Refuse to start a run in a non-empty folder unless ``overwrite`` and it is a lidcseg run.
 
+    ``inputs`` (the data folder, a config file) may be neither ``out_dir`` nor inside or
+    around it (:func:`lidcseg.io.outputs.check_output_folder`).
+
     Raises:
-        LidcsegError: ``out_dir`` is a file, a run without ``overwrite``, or a folder that is
-            not a run.
+        LidcsegError: ``out_dir`` is a file or under one, a run without ``overwrite``, a
+            folder that is not a run, or one that holds or is inside an input.
     """
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise LidcsegError("run directory path exists and is not a folder", out_dir)
-    if not any(out_dir.iterdir()):
-        return
-    if not overwrite:
+    state = check_output_folder(out_dir, RUN_OUTPUT, inputs=inputs)
+    if state is OutputState.OURS and not overwrite:
         raise LidcsegError("run directory exists; pass --resume to continue it or --overwrite", out_dir)
-    if not ((out_dir / "config.json").is_file() or (out_dir / "metrics.jsonl").is_file()):
-        raise LidcsegError("refusing to overwrite a folder that is not a lidcseg run", out_dir)
 
 
 def check_resume(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -91,12 +107,7 @@ def check_resume(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> Non
     last = out_dir / "last"
     if not (last / STATE_JSON).is_file():
         raise LidcsegError("nothing to resume: no last/ checkpoint with training state", out_dir)
-    try:
-        saved = json.loads((out_dir / "config.json").read_text())
-        saved_model = from_dict(ModelConfig, saved["model"])
-        saved_train = from_dict(TrainConfig, saved["train"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        raise LidcsegError("cannot read the run's config.json", out_dir / "config.json") from None
+    saved_model, saved_train = read_run_configs(out_dir)
     diffs = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
              if getattr(saved_model, f.name) != getattr(model_cfg, f.name)]
     diffs += [f"train.{f.name}" for f in dataclasses.fields(TrainConfig)
@@ -107,15 +118,12 @@ def check_resume(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> Non
 
 
 def load_run_config(out_dir: str | Path) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training configs saved in a run directory's ``config.json``."""
-    path = Path(out_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-        return from_dict(ModelConfig, saved["model"]), from_dict(TrainConfig, saved["train"])
-    except FileNotFoundError:
-        raise LidcsegError("not a run directory (no config.json)", Path(out_dir)) from None
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise LidcsegError("cannot read the run's config", path) from None
+    """The model and training configs saved in a run directory's ``config.json``.
+
+    Raises:
+        LidcsegError: no ``config.json``, or a damaged one (:func:`read_run_configs`).
+    """
+    return read_run_configs(Path(out_dir))
 
 
 def run_config(
@@ -163,37 +171,57 @@ def environment(device: torch.device, dist: Dist) -> dict[str, Any]:
 
 
 def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``path`` and flush it."""
-    with path.open("a") as f:
-        f.write(json.dumps(row, allow_nan=True) + "\n")
-        f.flush()
+    """Append one JSON line to ``path``, whole or not at all.
+
+    A failed write (a full disk) cuts the file back to its previous length, so no torn
+    line is left behind, and raises.
+
+    Raises:
+        NoSpaceError: the disk or quota is full (naming ``path``).
+    """
+    data = memoryview((json.dumps(row, allow_nan=True) + "\n").encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        if is_no_space(e):
+            raise no_space(path) from None
+        raise
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        if is_no_space(e):
+            raise no_space(path) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines written after the checkpoint being resumed (and a torn last line)."""
+    """Drop lines written after the checkpoint being resumed, and torn or damaged lines
+    (those :func:`~lidcseg.training.run_checks.metric_rows` skips)."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    write_bytes_atomic(path, "".join(line + "\n" for line in keep).encode())
+    keep = [line for line, row in metric_rows(path) if row["step"] <= step]
+    write_bytes_atomic(path, b"".join(line + b"\n" for line in keep))
 
 
 def iter_metrics(run_dir: str | Path, split: str | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of a run's ``metrics.jsonl``, optionally only one ``split`` (``train``/``val``)."""
+    """Rows of a run's ``metrics.jsonl``, optionally only one ``split`` (``train``/``val``).
+
+    A torn or damaged line (not a JSON object with an integer ``step``) is skipped, as
+    ``--resume`` drops it (:func:`~lidcseg.training.run_checks.metric_rows`).
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise LidcsegError("no metrics.jsonl", Path(run_dir))
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            row = json.loads(line)
-            if split is None or row.get("split") == split:
-                yield row
+    for _, row in metric_rows(path):
+        if split is None or row.get("split") == split:
+            yield row
 
 
 # -- checkpoints and training state --------------------------------------------------------
@@ -247,7 +275,11 @@ def save_state(
     rng: list[dict[str, Any]],
     dist: Dist,
 ) -> None:
-    """``state.safetensors`` (optimizer tensors, torch RNG) + ``state.json`` (the rest)."""
+    """``state.safetensors`` (optimizer tensors, torch RNG) + ``state.json`` (the rest).
+
+    Raises:
+        NoSpaceError: the disk cannot hold them (checked before writing) or filled up.
+    """
     from safetensors.torch import save_file
 
     sd = optimizer.state_dict()
@@ -262,7 +294,9 @@ def save_state(
     for r, state in enumerate(rng):
         for k, v in state["tensors"].items():
             tensors[f"rank{r}/{k}"] = v.cpu().contiguous()
-    save_file(tensors, str(folder / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+    check_free_space(folder, sum(t.element_size() * t.nelement() for t in tensors.values()) + 2**16)
+    with atomic_path(folder / STATE_TENSORS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
     write_json_atomic(folder / STATE_JSON, {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -279,47 +313,22 @@ def save_state(
 def load_state(folder: Path, optimizer: torch.optim.Optimizer, dist: Dist) -> tuple[int, float]:
     """Restore optimizer and RNG states from ``folder``; returns ``(step, best val GED)``.
 
+    Everything is read and checked first (:func:`~lidcseg.training.run_checks.read_state`):
+    a damaged state restores nothing.
+
     Raises:
-        LidcsegError: unreadable files, an unknown format, or an optimizer state that does
-            not fit the model.
+        LidcsegError: unreadable or damaged files, an unknown format, or an optimizer state
+            that does not fit the model; saying that the run cannot be resumed.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    saved = read_state(folder, optimizer, dist.rank, names=(STATE_TENSORS, STATE_JSON),
+                       fmt=(STATE_FORMAT, STATE_VERSION))
     try:
-        meta = json.loads((folder / STATE_JSON).read_text())
-        tensors = load_file(str(folder / STATE_TENSORS))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise LidcsegError(f"cannot read the training state ({e.__class__.__name__})", folder) from None
-    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-        raise LidcsegError("not a lidcseg training state of a known version", folder / STATE_JSON)
-
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for pid, st in meta["optimizer"]["state_scalars"].items():
-        state.setdefault(int(pid), {}).update(st)
-    groups = meta["optimizer"]["param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise LidcsegError(f"optimizer state does not fit the model ({e})", folder) from None
-
-    r = dist.rank if f"rank{dist.rank}/rng/torch_cpu" in tensors else 0
-    torch.set_rng_state(tensors[f"rank{r}/rng/torch_cpu"])
-    cuda_states = sorted(k for k in tensors if k.startswith(f"rank{r}/rng/cuda/"))
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_states][: torch.cuda.device_count()])
-    rng_json = meta["rng"][r] if r < len(meta["rng"]) else meta["rng"][0]
-    npst = rng_json["numpy"]
-    np.random.set_state((npst["kind"], np.asarray(npst["keys"], dtype=np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    py = rng_json["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    best = meta.get("best_val_ged")
-    return int(meta["step"]), math.inf if best is None else float(best)
+        optimizer.load_state_dict(saved.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise LidcsegError(f"optimizer state does not fit the model ({e}); {NEW_RUN}", folder) from None
+    torch.set_rng_state(saved.torch_rng)
+    if saved.cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved.cuda_rng[: torch.cuda.device_count()])
+    np.random.set_state(saved.numpy_rng)
+    random.setstate(saved.python_rng)
+    return saved.step, saved.best

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import numpy as np
 from lidcseg.data.split import SPLITS
 from lidcseg.data.store import META_COLUMNS, N_GRADERS, CropBatch, write_crops
 from lidcseg.errors import LidcsegError
-from lidcseg.io.atomic import write_json_atomic
+from lidcseg.io.atomic import NoSpaceError, remove_temporaries, write_json_atomic
+from lidcseg.io.outputs import OutputKind, check_output_folder, has_format, mark_output
 
 MANIFEST = "manifest.json"
 INTENSITY_SCALE = 255.0
@@ -113,10 +114,21 @@ def put_crop(
     batch.meta["n_graders"][r] = len(masks)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, or that holds a data set unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise LidcsegError("output exists and is not a folder", out)
+def _is_import(folder: Path) -> bool:
+    """A data folder of any version's import: its manifest, or a staging folder of a killed one."""
+    return has_format(MANIFEST, format="lidcseg-data", kind="import")(folder) or any(
+        p.name.startswith(".import-") and p.is_dir() for p in folder.iterdir())
+
+
+#: ``lidcseg import``'s data folder (:mod:`lidcseg.io.outputs`).
+IMPORT_OUTPUT = OutputKind("import", legacy=_is_import, noun="data folder")
+
+
+def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse an ``out`` that import may not write: a file or under one, a folder that import
+    did not write, one that is, holds or is inside one of the ``inputs``
+    (:func:`lidcseg.io.outputs.check_output_folder`), or a data set unless ``overwrite``."""
+    check_output_folder(out, IMPORT_OUTPUT, inputs=inputs)
     if (out / MANIFEST).exists() and not overwrite:
         raise LidcsegError(
             f"already holds a data set ({MANIFEST}); use --overwrite to replace it", out
@@ -143,7 +155,9 @@ def write_dataset(
 
     Nothing appears in ``out`` unless every split was converted: on any error the staging
     folder (and ``out``, if this call created it empty) is removed and an existing data set
-    is left untouched. ``manifest.json`` is written last.
+    is left untouched; a full disk is one :class:`lidcseg.io.atomic.NoSpaceError` naming
+    the file in ``out``. ``manifest.json`` is written last. Staging folders and temporary
+    files of a killed import are removed first and named in the manifest's ``warnings``.
     """
     from lidcseg import __version__
 
@@ -161,9 +175,10 @@ def write_dataset(
     }
     attrs = {"source": source, "release": release, "intensity": intensity,
              "intensity_scale": INTENSITY_SCALE, **attrs}
-    check_out(out, overwrite)
+    check_out(out, overwrite, [input_path])
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    stale = remove_temporaries(out, [MANIFEST, *(f"{s}.h5" for s in SPLITS)], ".import-")
     stage = Path(tempfile.mkdtemp(prefix=".import-", dir=out))
     try:
         splits: dict[str, dict[str, Any]] = {}
@@ -176,7 +191,8 @@ def write_dataset(
                 "patients": len(pids),
                 "patient_ids": pids,
             }
-        check_out(out, overwrite)  # someone may have written there meanwhile
+        check_out(out, overwrite, [input_path])  # someone may have written there meanwhile
+        mark_output(out, IMPORT_OUTPUT)
         with contextlib.suppress(FileNotFoundError):
             (out / MANIFEST).unlink()  # from here on, the folder reads as incomplete
         for split in SPLITS:
@@ -187,12 +203,17 @@ def write_dataset(
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()  # a stale split of the data set being replaced
         manifest = {**manifest, "splits": splits}
+        if stale:
+            manifest["warnings"] = [{"file": str(out / n), "warning": "removed what an interrupted "
+                                     "import left behind"} for n in stale]
         write_json_atomic(out / MANIFEST, manifest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()
+        if isinstance(e, NoSpaceError):
+            raise e.moved(stage, out) from None  # name the output, not its staging copy
         raise
     shutil.rmtree(stage, ignore_errors=True)
     return ImportSummary(out, manifest)

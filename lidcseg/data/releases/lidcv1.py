@@ -25,6 +25,8 @@ from lidcseg.errors import LidcsegError
 __all__ = ["import_pytorch_pickle"]
 
 _LIDC_ID = re.compile(r"LIDC-IDRI-\d{4}", re.IGNORECASE)
+#: Smallest crop side admitted (``DataConfig.crop_size`` >= 8).
+_MIN_SIZE = 8
 
 
 @dataclass
@@ -54,14 +56,17 @@ def _v1_entries(data: Any, path: Path) -> tuple[list[_Slice], float]:
     quant_err = 0.0
     for key, value in data.items():
         if not isinstance(key, str):
-            raise LidcsegError(f"slice key {key!r} is not a string", path)
-        where = f"slice {key!r}"
+            raise LidcsegError(f"a slice key is a {type(key).__name__}, not a string", path)
+        where = f"slice {key[:80]!a}" + ("..." if len(key) > 80 else "")
         if not isinstance(value, dict) or "image" not in value or "masks" not in value:
             raise LidcsegError(f"{where}: expected a dict with 'image' and 'masks'", path)
         image = value["image"]
         if not isinstance(image, np.ndarray) or image.ndim != 2 or image.shape[0] != image.shape[1]:
             shape = getattr(image, "shape", type(image).__name__)
             raise LidcsegError(f"{where}: 'image' must be a square 2-D array, got {shape}", path)
+        if image.shape[0] < _MIN_SIZE:
+            raise LidcsegError(f"{where}: image is {image.shape[1]}x{image.shape[0]}, at least "
+                               f"{_MIN_SIZE}x{_MIN_SIZE} expected", path)
         if size is None:
             size = image.shape
         elif image.shape != size:
@@ -87,6 +92,8 @@ def _v1_entries(data: Any, path: Path) -> tuple[list[_Slice], float]:
             if not isinstance(m, np.ndarray) or m.shape != image.shape:
                 shape = getattr(m, "shape", type(m).__name__)
                 raise LidcsegError(f"{where}: mask {g} has shape {shape}, image {image.shape}", path)
+            if m.dtype.kind not in "fiub":
+                raise LidcsegError(f"{where}: mask {g} has dtype {m.dtype}, expected numbers", path)
             if m.dtype.kind == "f" and not np.isfinite(m).all():
                 raise LidcsegError(f"{where}: mask {g} has NaN values", path)
             masks.append(m)
@@ -97,9 +104,13 @@ def _v1_entries(data: Any, path: Path) -> tuple[list[_Slice], float]:
             patient, rest = key.split("_", 1)
         elif isinstance(value.get("series_uid"), str | bytes) and value["series_uid"]:
             uid = value["series_uid"]
-            patient, rest = (uid.decode() if isinstance(uid, bytes) else uid), key
+            patient, rest = (uid.decode("latin-1") if isinstance(uid, bytes) else uid), key
         else:
             raise LidcsegError(f"{where}: no patient id in the key and no 'series_uid'", path)
+        try:
+            patient.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LidcsegError(f"{where}: the patient id is not valid text (lone surrogates)", path) from None
         entries.append(_Slice(key, patient, rest, image, masks))
     return entries, quant_err
 
@@ -132,7 +143,7 @@ def import_pytorch_pickle(
             out-of-range images, forbidden pickle content, or ``out`` already in use.
     """
     path, out = Path(path), Path(out)
-    common.check_out(out, overwrite)
+    common.check_out(out, overwrite, [path])
     entries, quant_err = _v1_entries(safe_load_pickle(path, progress), path)
     size = int(entries[0].image.shape[0])
     by_patient: dict[str, list[_Slice]] = {}

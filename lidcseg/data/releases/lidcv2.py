@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ _SPLIT_ALIASES = {
     "test": "test", "testing": "test",
 }
 _MASK_NAME = re.compile(r"^(?P<base>.+)_l(?P<grader>\d+)$")
+#: Largest PNG side admitted: the release's crops are 180 x 180; a larger header is refused
+#: before decoding (an image bomb declares a huge size in a few bytes).
+MAX_SIDE = 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _split_of(name: str) -> str | None:
@@ -86,20 +91,58 @@ def _pngs_by_patient(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _read_png(path: Path, kind: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+def _png_size(path: Path, kind: str) -> tuple[int, int]:
+    """``(width, height)`` from the PNG's IHDR chunk (its first 24 bytes), nothing decoded."""
     try:
-        with Image.open(path) as im:
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise LidcsegError(f"{kind} PNG has mode {im.mode}, expected 8-bit grey", path)
-            if im.mode != "L":
-                im = im.convert("L")
-            return np.asarray(im)
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise LidcsegError(f"cannot read the {kind} PNG ({e.strerror or e.__class__.__name__})", path) from None
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise LidcsegError(f"not a readable PNG (no PNG signature and header: {kind} damaged or of "
+                           "another format)", path)
+    w, h = struct.unpack(">II", head[16:24])
+    return w, h
+
+
+def _read_png(path: Path, kind: str, size: int | None = None) -> np.ndarray:
+    """The PNG's 8-bit grey pixels ``(H, W)``, its size checked from the header before decoding.
+
+    Its width and height must be ``size`` (when given) and at most :data:`MAX_SIDE`, so an
+    image bomb (a huge size declared in a few bytes) is refused before a pixel is decoded.
+    Whatever PIL raises on a damaged file becomes one line naming it.
+    """
+    import warnings
+
+    from PIL import Image
+
+    w, h = _png_size(path, kind)
+    if size is not None and (w, h) != (size, size):
+        other = "its image" if kind == "mask" else "others"
+        raise LidcsegError(f"{kind} is {w}x{h}, {other} {size}x{size}", path)
+    if not 1 <= max(w, h) <= MAX_SIDE or min(w, h) < 1:
+        raise LidcsegError(f"{kind} PNG declares {w}x{h} pixels: at most {MAX_SIDE}x{MAX_SIDE} are "
+                           "admitted (an image bomb?)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=["PNG"]) as im:
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    raise LidcsegError(f"{kind} PNG has mode {im.mode}, expected 8-bit grey", path)
+                if im.mode != "L":
+                    im = im.convert("L")
+                pixels = np.asarray(im)
     except LidcsegError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise LidcsegError(f"not a readable PNG ({e.__class__.__name__})", path) from None
+    except MemoryError:
+        raise LidcsegError(f"out of memory while decoding the {kind} PNG", path) from None
+    except Exception as e:  # PIL on a damaged file: OSError (truncated), SyntaxError, zlib.error...
+        text = " ".join(str(e).split())[:120]
+        raise LidcsegError(f"not a readable PNG ({e.__class__.__name__}: {text})", path) from None
+    if pixels.shape != (h, w):
+        raise LidcsegError(f"not a readable PNG (decoded {pixels.shape[1]}x{pixels.shape[0]}, header {w}x{h})",
+                           path)
+    return pixels
 
 
 @dataclass
@@ -163,7 +206,7 @@ def import_hpunet_png(
             graders, unreadable or 16-bit PNGs, size mismatches, or ``out`` already in use.
     """
     root, out = Path(root), Path(out)
-    common.check_out(out, overwrite)
+    common.check_out(out, overwrite, [root])
     split_dirs = _find_png_splits(root)
     paired = {s: _pair_split(split_dirs[s]) for s in SPLITS if s in split_dirs}  # names first
     first = next(iter(paired.values()))[0].image
@@ -177,17 +220,8 @@ def import_hpunet_png(
             batch = common.new_batch(len(crops), size)
             running: dict[str, int] = {}
             for r, c in enumerate(crops):
-                img = _read_png(c.image, "image")
-                if img.shape != (size, size):
-                    raise LidcsegError(f"image is {img.shape[1]}x{img.shape[0]}, others {size}x{size}", c.image)
-                masks = []
-                for mp in c.masks:
-                    m = _read_png(mp, "mask")
-                    if m.shape != img.shape:
-                        raise LidcsegError(
-                            f"mask is {m.shape[1]}x{m.shape[0]}, its image {img.shape[1]}x{img.shape[0]}", mp
-                        )
-                    masks.append(m)
+                img = _read_png(c.image, "image", size)
+                masks = [_read_png(mp, "mask", size) for mp in c.masks]
                 i = running.get(c.patient, 0)
                 running[c.patient] = i + 1
                 common.put_crop(batch, r, img, masks, patient=c.patient,

@@ -25,18 +25,20 @@ scene is one small read.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from lidcseg.data.h5check import Layout
 from lidcseg.data.store import AppendH5, LazyH5
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SWITCHES
 from lidcseg.io.atomic import write_json_atomic
+from lidcseg.io.jsonfile import check_fields, load_json_object
+from lidcseg.io.outputs import OutputKind, check_output_folder, claim_output, has_format
 
 FORMAT_NAME = "lidcseg-scenes"
 FORMAT_VERSION = 1
@@ -85,26 +87,41 @@ class SceneStore(LazyH5):
     workers can share a store.
     """
 
+    size_attrs = ("height", "width")
+
     def __init__(self, path: str | Path) -> None:
         self._open_checked(path, "scene", FORMAT_NAME, FORMAT_VERSION)
         self.height, self.width = int(self.attrs["height"]), int(self.attrs["width"])
+
+    def layout(self, sizes: Mapping[str, int]) -> Layout:
+        _, datasets = SceneWriter(self.path, sizes["height"], sizes["width"]).layout()
+        return {name: (row, dtype) for name, (row, dtype, _) in datasets.items()}
+
+    def recover(self, attrs: Mapping[str, Any]) -> str:
+        command = SCENE_COMMANDS.get(str(attrs.get("source")))
+        if command is not None:
+            return f"re-run `lidcseg {command}` with --overwrite"
+        return "re-run `lidcseg scenes make` (or `lidcseg cityscapes prepare`) with --overwrite"
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(image (3, H, W) uint8, label (H, W) uint8)`` of scene ``i``."""
         if not -self._len <= i < self._len:
             raise IndexError(i)
-        f = self._h5()
-        return f["image"][i], f["label"][i]
+        with self._reading(f"scene {i}"):
+            f = self._h5()
+            return f["image"][i], f["label"][i]
 
     @property
     def names(self) -> list[str]:
         """The scene names, in row order."""
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in self._h5()["name"][...]]
+        with self._reading("the scene names"):
+            return [x.decode() if isinstance(x, bytes) else str(x) for x in self._h5()["name"][...]]
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         """All scenes in memory: ``(images (N, 3, H, W), labels (N, H, W))`` uint8."""
-        f = self._h5()
-        return f["image"][...], f["label"][...]
+        with self._reading("the scenes"):
+            f = self._h5()
+            return f["image"][...], f["label"][...]
 
 
 def protocol_manifest() -> dict[str, Any]:
@@ -128,31 +145,53 @@ def write_manifest(data_dir: str | Path, extra: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """``DATA/manifest.json`` of a scene data folder.
+#: How to re-create a data folder whose manifest is damaged, when its writer is unknown.
+_RECREATE = "re-create the data folder with the command that wrote it and --overwrite"
+
+
+def _manifest_object(data_dir: str | Path) -> dict[str, Any] | None:
+    """``DATA/manifest.json`` as a JSON object; None when there is none.
 
     Raises:
-        LidcsegError: no manifest, unreadable, or not of the flip task.
+        LidcsegError: a manifest that is not UTF-8, not JSON or not an object.
     """
     path = Path(data_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LidcsegError("no manifest.json: not a scene data folder", Path(data_dir)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LidcsegError(f"unreadable manifest ({type(e).__name__})", path) from None
-    if not isinstance(data, dict) or data.get("task") != TASK:
+    if not path.is_file():
+        return None
+    return load_json_object(path, what="manifest", recover=_RECREATE)
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """``DATA/manifest.json`` of a scene data folder, with the fields training reads checked.
+
+    Raises:
+        LidcsegError: no manifest, not UTF-8, JSON or an object, not of the flip task, or
+            lacking ``num_classes``, ``ignore_index``, ``height`` or ``width`` as integers.
+    """
+    data = _manifest_object(data_dir)
+    if data is None:
+        raise LidcsegError("no manifest.json: not a scene data folder", Path(data_dir))
+    path = Path(data_dir) / MANIFEST
+    if data.get("task") != TASK:
         raise LidcsegError(f"manifest is not of the {TASK!r} task", path)
+    command = SCENE_COMMANDS.get(str(data.get("source")))
+    recover = f"re-run `lidcseg {command}` with --overwrite" if command else _RECREATE
+    check_fields(data, {"num_classes": int, "ignore_index": int, "height": int, "width": int}, path,
+                 what="manifest", recover=recover)
+    for name in ("num_classes", "height", "width"):
+        if data[name] < 1:
+            raise LidcsegError(f"manifest field {name!r} is {data[name]}, expected >= 1; {recover}", path)
     return data
 
 
 def is_scene_data(data_dir: str | Path) -> bool:
-    """Whether ``data_dir`` holds flip-task scenes (its manifest says ``task: flip-scenes``)."""
-    try:
-        read_manifest(data_dir)
-    except LidcsegError:
-        return False
-    return True
+    """Whether ``data_dir`` holds flip-task scenes (its manifest says ``task: flip-scenes``).
+
+    Raises:
+        LidcsegError: a manifest that is not UTF-8, JSON or an object (whichever task).
+    """
+    data = _manifest_object(data_dir)
+    return data is not None and data.get("task") == TASK
 
 
 def check_model_for_scenes(data_dir: str | Path, model_cfg: Any) -> dict[str, Any]:
@@ -191,15 +230,32 @@ def split_path(data_dir: str | Path, split: str) -> Path:
     return path
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a folder that already holds data, unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise LidcsegError("output path exists and is not a folder", out)
+#: The command that writes a scene data folder of each ``source``.
+SCENE_COMMANDS = {"synthetic": "scenes make", "cityscapes": "cityscapes prepare"}
+
+
+def check_out_dir(
+    out: Path, overwrite: bool, *, source: str = "synthetic", inputs: Iterable[str | Path | None] = (),
+    staged: bool = False,
+) -> None:
+    """Claim ``out`` for the scenes of ``source``: refuse a folder that holds data unless
+    ``overwrite``, and any folder this command may not write (a file or under one, a folder
+    it did not write, one that is, holds or is inside one of the ``inputs``:
+    :func:`lidcseg.io.outputs.check_output_folder`); then create and mark it.
+
+    ``staged``: the caller writes elsewhere and swaps the new files in at the end, so an old
+    data set stays whole (and its manifest valid) until then; otherwise the old manifest goes
+    now, as the split files are about to be rewritten in place.
+    """
+    kind = OutputKind(SCENE_COMMANDS[source], noun="data folder",
+                      legacy=has_format(MANIFEST, format=FORMAT_NAME, source=source))
+    check_output_folder(out, kind, inputs=inputs)
     existing = [p.name for p in (out / MANIFEST, *(out / f"{s}.h5" for s in SPLITS)) if p.exists()]
     if existing and not overwrite:
         raise LidcsegError(f"output folder already holds {', '.join(existing)}; pass --overwrite", out)
-    if existing:
+    if existing and not staged:
         (out / MANIFEST).unlink(missing_ok=True)  # the folder is invalid until the new manifest
+    claim_output(out, kind)
 
 
 def finish_manifest(out: Path, extra: dict[str, Any]) -> dict[str, Any]:

@@ -21,14 +21,18 @@ flips were learned after similar numbers of steps at either size.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lidcseg.data.scenes.store import SceneWriter, check_out_dir, finish_manifest
+from lidcseg.data.scenes.store import MANIFEST, SceneWriter, check_out_dir, finish_manifest
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import IGNORE_INDEX, SWITCHES
+from lidcseg.io.atomic import NoSpaceError, remove_temporaries
 from lidcseg.progress import Progress
 
 #: Colour (RGB) of each class in the synthetic images; every class has its own, so the
@@ -183,11 +187,16 @@ def make_scenes(
     for train, val, test), so the folder is a pure function of the arguments
     and a split's scenes do not depend on the other splits' sizes.
 
+    The split files are written into a staging folder ``out/.scenes-*`` and moved into
+    ``out`` when all are complete; ``manifest.json`` is written last. What a killed run
+    left there is removed first and named in the manifest's ``warnings``.
+
     Returns:
         The manifest written.
 
     Raises:
         LidcsegError: bad sizes, or ``out`` already holds a data folder and not ``overwrite``.
+        NoSpaceError: the disk filled up (naming the file; nothing half-written is left).
     """
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -195,19 +204,32 @@ def make_scenes(
         raise LidcsegError(f"every split needs at least one scene, got {counts}")
     if height % 16 or width % 16:
         raise LidcsegError(f"scene size must be multiples of 16, got {height}x{width}")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, source="synthetic", staged=True)
+    stale = remove_temporaries(out, [MANIFEST, *(f"{s}.h5" for s in _SPLIT_CODE)], ".scenes-")
+    stage = Path(tempfile.mkdtemp(prefix=".scenes-", dir=out))
     total, done = sum(counts.values()), 0
-    for split, n in counts.items():
-        with SceneWriter(out / f"{split}.h5", height, width,
-                         {"split": split, "source": "synthetic"}) as writer:
-            for i in range(n):
-                rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
-                image, label = make_scene(rng, height, width)
-                writer.append(image[None], label[None], [f"synthetic/{split}/{i:06d}"])
-                done += 1
-                if progress is not None and (done % 25 == 0 or done == total):
-                    progress(f"scenes {split}", done, total)
-    return finish_manifest(out, {"source": "synthetic", "height": height, "width": width,
-                                  "counts": counts, "seed": seed,
-                                  "generator": {"noise_rgb": SCENE_NOISE,
-                                                "min_switch_pixels": MIN_SWITCH_PIXELS}})
+    try:
+        for split, n in counts.items():
+            with SceneWriter(stage / f"{split}.h5", height, width,
+                             {"split": split, "source": "synthetic"}) as writer:
+                for i in range(n):
+                    rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
+                    image, label = make_scene(rng, height, width)
+                    writer.append(image[None], label[None], [f"synthetic/{split}/{i:06d}"])
+                    done += 1
+                    if progress is not None and (done % 25 == 0 or done == total):
+                        progress(f"scenes {split}", done, total)
+        (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new one
+        for split in counts:
+            os.replace(stage / f"{split}.h5", out / f"{split}.h5")
+        warnings = [{"file": str(out / n), "warning": "removed what an interrupted run left behind"}
+                    for n in stale]
+        return finish_manifest(out, {"source": "synthetic", "height": height, "width": width,
+                                      "counts": counts, "seed": seed,
+                                      "generator": {"noise_rgb": SCENE_NOISE,
+                                                    "min_switch_pixels": MIN_SWITCH_PIXELS},
+                                      **({"warnings": warnings} if warnings else {})})
+    except NoSpaceError as e:
+        raise e.moved(stage, out) from None  # name the output, not its staging copy
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -36,7 +36,13 @@ import torch
 
 from lidcseg.data.eval_split import EvalSplit, load_split, split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.inference import draw_image_foreground, open_runs, require_input_size, torch_threads
+from lidcseg.inference import (
+    CT_CHANNELS,
+    draw_image_foreground,
+    open_runs,
+    require_input_size,
+    torch_threads,
+)
 from lidcseg.progress import Progress
 
 #: Threshold selection criteria.
@@ -256,7 +262,7 @@ def ambiguity_runs(
     if out is not None:
         check_output_folder(out, AMBIGUITY_OUTPUT, inputs=inputs)  # before the sampling, not after
     with torch_threads(threads):
-        opened = open_runs(runs, device)
+        opened = open_runs(runs, device, in_channels=CT_CHANNELS)
         size = require_input_size(opened[0])
         splits = {name: load_split(data_dir, name, size, max_images, progress)
                   for name in (val_split, test_split)}

@@ -58,7 +58,13 @@ import torch
 
 from lidcseg.data.eval_split import EvalSplit, load_split, split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.inference import draw_image_foreground, open_runs, require_input_size, torch_threads
+from lidcseg.inference import (
+    CT_CHANNELS,
+    draw_image_foreground,
+    open_runs,
+    require_input_size,
+    torch_threads,
+)
 from lidcseg.metrics.stats import wilcoxon_paired
 from lidcseg.progress import Progress
 
@@ -324,7 +330,7 @@ def evaluate_runs(
 
         check_output_folder(out, EVALUATION_OUTPUT, inputs=inputs)  # before the sampling, not after
     with torch_threads(threads):
-        opened = open_runs(runs, device)
+        opened = open_runs(runs, device, in_channels=CT_CHANNELS)
         data = load_split(data_dir, split, require_input_size(opened[0]), max_images, progress)
         chosen = disagreement_examples(data.masks, examples, data.lesion)
         results = []

@@ -43,6 +43,8 @@ from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
 from lidcseg.io.jsonfile import read_json_object
 
+#: Image channels of LIDC inputs (CT): what evaluation, ambiguity, latent and scan sampling feed.
+CT_CHANNELS = 1
 #: The checkpoints of a run folder, in order of preference.
 RUN_CHECKPOINTS: tuple[str, ...] = ("best", "last")
 
@@ -141,7 +143,8 @@ def _is_run_config(path: Path) -> bool:
 
 
 def open_run(
-    run: str | Path, device: str | torch.device = "auto", input_size: int | None = None
+    run: str | Path, device: str | torch.device = "auto", input_size: int | None = None,
+    *, in_channels: int | None = None,
 ) -> OpenRun:
     """Load the model of a ``lidcseg train`` run folder or a checkpoint folder.
 
@@ -149,10 +152,13 @@ def open_run(
         run: a run folder (``best/``, else ``last/``) or a checkpoint folder (or its files).
         device: ``auto``, ``cpu``, ``cuda`` or a ``torch.device``.
         input_size: overrides the training input size recorded with the checkpoint.
+        in_channels: the image channels the caller feeds (:data:`CT_CHANNELS` for LIDC);
+            a model of another task is refused before it is used. None: any.
 
     Raises:
-        LidcsegError: not a run or checkpoint, or any checkpoint that
-            :func:`lidcseg.models.checkpoint.load_checkpoint` refuses.
+        LidcsegError: not a run or checkpoint, any checkpoint that
+            :func:`lidcseg.models.checkpoint.load_checkpoint` refuses, or a model that takes
+            other than ``in_channels`` channels.
     """
     from lidcseg.models.checkpoint import CONFIG_FILE, load_checkpoint
 
@@ -161,6 +167,10 @@ def open_run(
     run_cfg = _json(run_dir / CONFIG_FILE) if run_dir is not None else {}
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     ckpt = load_checkpoint(folder, device=dev)
+    if in_channels is not None and ckpt.config.in_channels != in_channels:
+        raise LidcsegError(
+            f"model {ckpt.config.name!r} takes {ckpt.config.in_channels}-channel images, these inputs "
+            f"have {in_channels} (a run of another task: the flip task's models take RGB scenes)", folder)
     train_meta = ckpt.meta.get("train") if isinstance(ckpt.meta.get("train"), dict) else {}
     size = input_size or train_meta.get("input_size") or (run_cfg.get("train") or {}).get("input_size")
     crop_size = (run_cfg.get("data") or {}).get("crop_size", DataConfig().crop_size)
@@ -196,7 +206,10 @@ def require_input_size(run: OpenRun) -> int:
     return run.input_size
 
 
-def open_runs(runs: Sequence[str | Path], device: str = "auto", *, same_input_size: bool = True) -> list[OpenRun]:
+def open_runs(
+    runs: Sequence[str | Path], device: str = "auto", *, same_input_size: bool = True,
+    in_channels: int | None = None,
+) -> list[OpenRun]:
     """:func:`open_run` for every run, with unique labels (``a``, ``a#2``).
 
     Raises:
@@ -205,7 +218,7 @@ def open_runs(runs: Sequence[str | Path], device: str = "auto", *, same_input_si
     """
     if not runs:
         raise LidcsegError("no run given (--run RUN)")
-    out = [open_run(r, device) for r in runs]
+    out = [open_run(r, device, in_channels=in_channels) for r in runs]
     for r, label in zip(out, unique_labels([r.label for r in out]), strict=True):
         r.label = label
     if same_input_size:

@@ -31,7 +31,7 @@ import torch
 
 from lidcseg.data.eval_split import split_file
 from lidcseg.errors import LidcsegError
-from lidcseg.inference import foreground_of
+from lidcseg.inference import CT_CHANNELS, foreground_of
 from lidcseg.io.outputs import check_output_file
 from lidcseg.resources import hypothesis_bytes
 
@@ -185,7 +185,7 @@ def latent_figure(
 
     path = split_file(data_dir, split)
     check_output_file(out, inputs=[run, data_dir])  # a PNG: apart from the inputs, under a folder
-    opened = open_run(run, device)
+    opened = open_run(run, device, in_channels=CT_CHANNELS)
     input_size = require_input_size(opened)
     n_latent = check_latent_model(opened.model, run)
     plane = parse_dims(dims, n_latent)

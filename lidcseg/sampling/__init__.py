@@ -56,7 +56,7 @@ from typing import Any
 
 from lidcseg import __version__
 from lidcseg.errors import LidcsegError
-from lidcseg.inference import open_run, require_input_size, torch_threads
+from lidcseg.inference import CT_CHANNELS, open_run, require_input_size, torch_threads
 from lidcseg.io.scan import read_scan
 from lidcseg.progress import Progress
 from lidcseg.sampling.lesions import DEFAULT_POINT_SLICES, Lesion, locate_lesions
@@ -188,7 +188,7 @@ def sample_scan(
         report("read")
         scan = read_scan(scan_path)
         lap("read")
-        opened = open_run(run, device, input_size)
+        opened = open_run(run, device, input_size, in_channels=CT_CHANNELS)
         size = require_input_size(opened)
         lap("load")
         report("locate")

@@ -25,9 +25,15 @@ demo: venv
 	$(LIDCSEG) prepare --lidc-root $(DEMO)/lidc --out $(DEMO)/data --workers 2
 	$(LIDCSEG) train --data $(DEMO)/data --model probunet --preset cpu-quick --out $(DEMO)/runs/probunet --overwrite
 	$(LIDCSEG) train --data $(DEMO)/data --model m-heads --preset cpu-quick --out $(DEMO)/runs/m-heads --overwrite
+	# M-Heads is scored at n samples with an n-head model (Section 3.2): 4 and 8 heads too.
+	$(LIDCSEG) train --data $(DEMO)/data --model m-heads --preset cpu-quick --set model.num_heads=4 \
+		--out $(DEMO)/runs/m-heads-4 --overwrite
+	$(LIDCSEG) train --data $(DEMO)/data --model m-heads --preset cpu-quick --set model.num_heads=8 \
+		--out $(DEMO)/runs/m-heads-8 --overwrite
 	$(LIDCSEG) sample "$$(dirname "$$(find $(DEMO)/lidc/$(DEMO_SCAN) -name '*.dcm' | head -n 1)")" --lidc -n 16 \
 		--run $(DEMO)/runs/probunet --out $(DEMO)/sample --overwrite
-	$(LIDCSEG) evaluate --data $(DEMO)/data --split test --run $(DEMO)/runs/probunet --run $(DEMO)/runs/m-heads \
+	$(LIDCSEG) evaluate --data $(DEMO)/data --split test --run $(DEMO)/runs/probunet \
+		--run $(DEMO)/runs/m-heads-4 --run $(DEMO)/runs/m-heads-8 --run $(DEMO)/runs/m-heads \
 		-n 1,4,8,16 --out $(DEMO)/report
 	@echo "demo: crops in $(DEMO)/data, runs in $(DEMO)/runs, hypotheses in $(DEMO)/sample, report in $(DEMO)/report/summary.md"
 

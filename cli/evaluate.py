@@ -17,7 +17,8 @@ def evaluate(
     run: list[Path] = typer.Option(..., "--run", help=RUN_HELP),
     out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg evaluate` wrote; its report files are replaced): summary.md/.json, per_image.csv, ged.png, examples.png."),
     split: str = typer.Option("test", "--split", help="Split to evaluate (DATA/<split>.h5)."),
-    n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts; each uses the first n of max(n) samples per image."),
+    n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts; each uses the first n of max(n) samples per image (ensembles: n members; M-Heads: see --m-heads)."),
+    m_heads: str = typer.Option("matched", "--m-heads", help="matched: all M-Heads runs form one row, n scored with the run of n heads (Section 3.2; n = 1 without a 1-head run: the first head of the smallest); prefix: each M-Heads run its own row, its first n heads (not the paper's)."),
     unbiased: bool = typer.Option(False, "--unbiased", help="U-statistic GED and diversity (default: V-statistic, as published)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the latent noise (the same for every run)."),
     examples: int = typer.Option(6, "--examples", min=0, help="Crops with grader disagreement in examples.png (0: none)."),
@@ -36,12 +37,14 @@ def evaluate(
     with stage_progress() as update:
         ev = evaluate_runs(data, run, split=split, counts=counts, out=out, seed=seed, unbiased=unbiased,
                            device=device, batch_size=batch_size, max_images=max_images,
-                           examples=examples, threads=threads, progress=update)
+                           examples=examples, threads=threads, m_heads=m_heads, progress=update)
     top = max(ev.counts)
     for r in ev.results:
         console.print(f"{r.label} ({r.model}): GED@{top} {fmt(float(r.values('ged', top).mean()))}, "
                       f"diversity {fmt(float(r.values('diversity', top).mean()))}, "
                       f"HM-IoU {fmt(float(r.values('hm_iou', top).mean()))} ({r.time_s:.1f} s)")
+        if r.sampling == "model-per-count":
+            console.print("  " + "; ".join(f"n = {k}: {s['run']}, {s['uses']}" for k, s in r.sources.items()))
     for t in ev.comparisons:
         console.print(f"Wilcoxon {t['metric']}@{t['n']} {t['other']} vs {t['reference']}: "
                       f"p = {t['p_value']:.3g}")
@@ -56,7 +59,7 @@ def ambiguity(
     out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg ambiguity` wrote; its report files are replaced): ambiguity.md/.json, per_crop.csv, histograms.png."),
     n: int = typer.Option(16, "-n", "--n", min=1, help="Samples per crop."),
     min_pixels: int = typer.Option(1, "--min-pixels", min=1, help="Foreground pixels for a sample to show a lesion."),
-    criterion: str = typer.Option("balanced", "--criterion", help="Threshold choice on val: balanced (balanced accuracy) or accuracy."),
+    criterion: str = typer.Option("accuracy", "--criterion", help="Threshold choice on val: accuracy (the paper's, App. E) or balanced (balanced accuracy: always answering the majority class scores 0.5)."),
     val_split: str = typer.Option("val", "--val-split", help="Split on which the threshold is chosen."),
     test_split: str = typer.Option("test", "--test-split", help="Split on which the accuracy is reported."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the latent noise."),

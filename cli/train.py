@@ -60,7 +60,8 @@ def train(
 
     Under `torchrun --nproc_per_node N` the same command trains with DistributedDataParallel.
     The config is composed in this order, a later source winning: the preset, the model
-    name's own defaults, --config, then --set, --steps and --device.
+    name's own defaults on the data's task (LIDC crops or flip scenes), --config, then
+    --set, --steps and --device.
     """
     from lidcseg.config import compose
     from lidcseg.data.scenes import TASK, is_scene_data

@@ -57,6 +57,7 @@ from lidcseg.io.outputs import check_output_folder
 from lidcseg.metrics.flips import (
     DEFAULT_COUNTS,
     DEFAULT_SAMPLES,
+    MODE_SCENES,
     PAPER_GED,
     CalibrationAccumulator,
     switch_counts,
@@ -220,6 +221,7 @@ def calibrate_model(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     min_pixels: int = 1,
+    mode_scenes: str = "all",
     keep: Sequence[int] = (),
     progress: Progress | None = None,
     stage: str = "sampling",
@@ -236,6 +238,8 @@ def calibrate_model(
             batch (:func:`lidcseg.data.scenes.normalize_rgb`; 6x less memory).
         labels: (N, H, W) un-flipped trainIds (any value at ignored pixels).
         ignore: (N, H, W) bool.
+        min_pixels, mode_scenes: which scenes count in the mode frequencies
+            (:class:`~lidcseg.metrics.flips.CalibrationAccumulator`; default: all, the authors' rule).
         keep: positions whose samples are returned for the figure.
 
     Returns:
@@ -246,7 +250,7 @@ def calibrate_model(
 
     labels = labels.masked_fill(ignore, 0)
     check_unflipped(labels, "labels")
-    acc = CalibrationAccumulator(counts, samples, min_pixels)
+    acc = CalibrationAccumulator(counts, samples, min_pixels, check_mode_scenes(mode_scenes))
     gen = torch.Generator().manual_seed(int(seed))
     keep_set, kept = set(keep), {}
     if hasattr(model, "eval"):
@@ -267,6 +271,17 @@ def calibrate_model(
     result = acc.result()
     result["per_image_ged"] = {str(n): acc.per_image_ged(n).tolist() for n in acc.counts}
     return result, kept
+
+
+def check_mode_scenes(mode_scenes: str) -> str:
+    """``mode_scenes`` if it is one of :data:`~lidcseg.metrics.flips.MODE_SCENES`.
+
+    Raises:
+        LidcsegError: any other value, in one line naming ``--mode-scenes``.
+    """
+    if mode_scenes not in MODE_SCENES:
+        raise LidcsegError(f"--mode-scenes must be {' or '.join(MODE_SCENES)}, got {mode_scenes!r}")
+    return mode_scenes
 
 
 def _example_pool(labels: torch.Tensor, ignore: torch.Tensor) -> np.ndarray:
@@ -294,12 +309,17 @@ def calibrate_runs(
     max_images: int | None = None,
     oracle: bool = False,
     min_pixels: int = 1,
+    mode_scenes: str = "all",
     examples: int = 3,
     posterior_scenes: int = 20,
     threads: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``lidcseg calibration``: calibrate every run (and optionally the oracle) and write the report.
+
+    The mode frequencies count every scene (``mode_scenes="all"``, the authors' rule,
+    Appendix C) or only those with all five switchable classes (``"complete"``, at
+    least ``min_pixels`` pixels each).
 
     Runs with a posterior net (``reconstruct``) also get
     :func:`posterior_switch_accuracy` on the first ``posterior_scenes`` scenes
@@ -315,14 +335,15 @@ def calibrate_runs(
         The JSON report.
 
     Raises:
-        LidcsegError: no runs (and no oracle), an ``out`` this command may not write, a
-            data folder that is not the flip task, a missing split, a run that is not a
-            flip-task model.
+        LidcsegError: no runs (and no oracle), an unknown ``mode_scenes``, an ``out`` this
+            command may not write, a data folder that is not the flip task, a missing split,
+            a run that is not a flip-task model.
     """
     from lidcseg.data.scenes import SceneEvalDataset, read_manifest, split_path
 
     if not runs and not oracle:
         raise LidcsegError("no run given (--run RUN, or --oracle)")
+    check_mode_scenes(mode_scenes)
     inputs = [data_dir, *runs]
     check_output_folder(out, CALIBRATION_OUTPUT, inputs=inputs)  # before the sampling, not after
     manifest = read_manifest(data_dir)
@@ -350,7 +371,8 @@ def calibrate_runs(
             t_run = time.perf_counter()
             res, kept = calibrate_model(
                 model, images, labels, ignore, counts=counts, samples=samples, seed=seed,
-                batch_size=batch_size, device=dev, min_pixels=min_pixels, keep=keep,
+                batch_size=batch_size, device=dev, min_pixels=min_pixels, mode_scenes=mode_scenes,
+                keep=keep,
                 progress=progress, stage=f"{label} ({j + 1}/{len(models)})")
             if keep:
                 ex.samples[label] = np.stack([kept[i] for i in keep])
@@ -371,7 +393,8 @@ def calibrate_runs(
                      "classes": list(CLASS_NAMES), "eval_classes": list(EVAL_CLASSES),
                      "mode_probabilities": mode_probabilities().tolist()},
         "settings": {"counts": sorted(set(int(c) for c in counts)), "samples": samples, "seed": seed,
-                     "min_pixels": min_pixels, "device": str(dev), "ged": "V-statistic (Eq. 7)",
+                     "min_pixels": min_pixels, "mode_scenes": mode_scenes,
+                     "device": str(dev), "ged": "V-statistic (Eq. 7)",
                      "posterior_scenes": posterior_scenes},
         "paper_ged": {str(k): v for k, v in PAPER_GED.items()},
         "runs": results,

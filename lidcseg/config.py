@@ -17,6 +17,8 @@ from lidcseg.config_io import from_dict, read_json
 from lidcseg.errors import LidcsegError
 
 T = TypeVar("T")
+#: ``TrainConfig.scene_augment`` values (:class:`lidcseg.data.scenes.SceneTrainDataset`).
+SCENE_AUGMENTS: tuple[str, ...] = ("paper", "paper+mirror", "mirror")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class ModelConfig:
 
     The registry (:func:`lidcseg.models.registry.model_config`) sets the options a
     model name implies (``fixed-prior`` sets ``prior="fixed"``) and the name's own
-    defaults (``i2i-vae``: beta 10, N = 3).
+    defaults on the task (``i2i-vae``: N = 3, beta 10 on LIDC and 1 on flip scenes).
     """
 
     name: str = "probunet"
@@ -154,7 +156,8 @@ MODEL_SUMMARIES: dict[str, str] = {
     "unet": "deterministic U-Net: a 1-member unet-ensemble",
     "unet-ensemble": "M independently initialised U-Nets (Fig. 2b)",
     "m-heads": "one U-Net with M output heads (Fig. 2c)",
-    "i2i-vae": "Image2Image VAE: fixed prior, posterior Q(z|Y), z at the input (Fig. 2d)",
+    "i2i-vae": "Image2Image VAE: fixed prior, posterior Q(z|Y), z at the input (Fig. 2d); "
+               "N = 3, beta 10 on LIDC, 1 on flip scenes (Appendix H)",
 }
 
 
@@ -185,6 +188,8 @@ class TrainConfig:
         aug_elastic_spacing, aug_elastic_magnitude: elastic field control-point
             spacing (px) and MONAI offset magnitude.
         aug_max_shift: largest random translation of the tile (px; 26 = (180 - 128) / 2).
+        scene_augment: the flip task's augmentation when ``augment`` is on: ``paper`` (H.2's
+            list, :mod:`lidcseg.data.scenes.augment`), ``paper+mirror`` or ``mirror`` (only).
         kl_free_bits: "free bits" (Kingma et al. 2016) in nats per latent dimension,
             applied to the whole latent: the KL term becomes max(KL, N * kl_free_bits)
             with KL the batch-mean KL summed over the N dimensions, so no gradient
@@ -228,6 +233,7 @@ class TrainConfig:
     aug_elastic_spacing: int = 24
     aug_elastic_magnitude: float = 2.0
     aug_max_shift: int = 26
+    scene_augment: str = "paper"
     kl_free_bits: float = 0.0
     beta_warmup_steps: int = 0
     num_workers: int = 4
@@ -256,6 +262,9 @@ class TrainConfig:
             raise LidcsegError(f"need 0 < lr_final <= lr, got lr={self.lr}, lr_final={self.lr_final}")
         if self.grader_draw not in ("all", "real"):
             raise LidcsegError(f"TrainConfig.grader_draw must be 'all' or 'real', got {self.grader_draw!r}")
+        if self.scene_augment not in SCENE_AUGMENTS:
+            raise LidcsegError(f"TrainConfig.scene_augment must be one of {', '.join(SCENE_AUGMENTS)}, "
+                               f"got {self.scene_augment!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise LidcsegError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -287,8 +296,9 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     ),
     # The flip task (Section 4.2): RGB in, 19 Cityscapes classes + 5 flipped ones out.
     # - cityscapes: the paper's setting at 256 x 512, one more scale than LIDC (6), base 32,
-    #   N = 6, batch 16, the LIDC schedule over 240k steps. 110 M parameters, since channels
-    #   double at every scale; the authors' release uses 7 scales capped at 192 channels
+    #   N = 6, batch 16, 240k steps, lr 1e-4 lowered to 1e-5 in 3 steps at 60k, 120k, 180k
+    #   (Appendix H.2; LIDC: 1e-6 in 5). 110 M parameters, since channels double at every
+    #   scale; the authors' release uses 7 scales capped at 192 channels
     #   (32, 64, 128, 192, 192, 192, 192), which ModelConfig cannot express.
     # - scenes-quick: the synthetic 32 x 64 scenes of `lidcseg scenes make` on one CPU thread
     #   (0.11 s per step of 8 scenes, 6000 steps in 11.5 minutes). What it takes, measured
@@ -300,19 +310,23 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     #   made no difference. Paper-like in every other respect: beta 1, no free bits.
     "cityscapes": (
         ModelConfig(in_channels=3, num_classes=24, num_scales=6),
-        TrainConfig(steps=240_000, batch_size=16, val_every=2000, val_samples=16, val_max_crops=100,
-                    checkpoint_every=2000),
+        TrainConfig(steps=240_000, batch_size=16, lr_final=1e-5, lr_decay_steps=3, val_every=2000,
+                    val_samples=16, val_max_crops=100, checkpoint_every=2000),
     ),
     "scenes-quick": (
         ModelConfig(in_channels=3, num_classes=24, base_channels=8, num_scales=4, convs_per_block=2,
                     latent_dim=6, fcomb_channels=32),
         TrainConfig(
-            steps=6000, batch_size=8, lr=1e-3, lr_final=1e-4, lr_decay_steps=2, num_workers=0,
-            log_every=20, val_every=500, val_samples=16, val_max_crops=32, val_batch_size=8,
-            checkpoint_every=500, threads=1,
+            steps=6000, batch_size=8, lr=1e-3, lr_final=1e-4, lr_decay_steps=2, weight_decay=0.0,
+            augment=False, num_workers=0, log_every=20, val_every=500, val_samples=16,
+            val_max_crops=32, val_batch_size=8, checkpoint_every=500, threads=1,
         ),
     ),
 }
+
+#: The tasks a run can train on: LIDC crops of ``lidcseg prepare`` and flip-task scenes
+#: (Section 4.2; ``lidcseg.data.scenes.TASK``, what ``manifest.json`` says).
+TASKS: tuple[str, ...] = ("lidc", "flip-scenes")
 
 #: What the LIDC preset names mean on other tasks' data: ``lidcseg train`` reads the
 #: task from DATA/manifest.json, so ``--preset cpu-quick`` on flip scenes is ``scenes-quick``.
@@ -337,6 +351,8 @@ def preset(name: str, task: str = "lidc") -> tuple[ModelConfig, TrainConfig]:
             (:data:`TASK_PRESET_NAMES`).
         task: ``lidc`` (crops of ``lidcseg prepare``) or ``flip-scenes`` (Section 4.2).
     """
+    if task not in TASKS:
+        raise LidcsegError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     name = TASK_PRESET_NAMES.get(task, {}).get(name, name)
     try:
         return PRESETS[name]
@@ -428,7 +444,7 @@ def apply_config_file(model: ModelConfig, train: TrainConfig,
 def compose(
     preset_name: str | None = None,
     *,
-    model_defaults: Callable[[str, ModelConfig], ModelConfig],
+    model_defaults: Callable[[str, ModelConfig, str], ModelConfig],
     task: str = "lidc",
     model: str | None = None,
     config_file: str | Path | None = None,
@@ -442,20 +458,21 @@ def compose(
     1. The base: the preset ``preset_name`` (default ``paper``) read for ``task``
        (:func:`preset`); but when resuming (``saved`` given) with neither ``preset_name``
        nor ``config_file``, the run's own saved configs ``saved()``.
-    2. ``model``: ``model_defaults(model, base)``, the name with the options it implies and
-       its own defaults (:func:`lidcseg.models.registry.model_config`; ``i2i-vae``: beta 10, N = 3).
+    2. ``model``: ``model_defaults(model, base, task)``, the name with the options it implies
+       and its own defaults on ``task`` (:func:`lidcseg.models.registry.model_config`;
+       ``i2i-vae``: beta 10 on ``lidc``, 1 on ``flip-scenes``, N = 3).
     3. ``config_file``: JSON ``{"model": {...}, "train": {...}}`` (:func:`apply_config_file`).
     4. ``overrides``, then ``steps`` and ``device``: ``key=value`` pairs (:func:`apply_overrides`).
 
     Raises:
-        LidcsegError: an unknown preset or model (listing the valid names), a bad file or override.
+        LidcsegError: an unknown preset, task or model (listing the valid names), a bad file or override.
     """
     if saved is not None and preset_name is None and config_file is None:
         model_cfg, train_cfg = saved()
     else:
         model_cfg, train_cfg = preset(preset_name or "paper", task=task)
     if model is not None:
-        model_cfg = model_defaults(model, model_cfg)
+        model_cfg = model_defaults(model, model_cfg, task)
     if config_file is not None:
         model_cfg, train_cfg = apply_config_file(model_cfg, train_cfg, config_file)
     extra = list(overrides)

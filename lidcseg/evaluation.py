@@ -18,6 +18,13 @@ image of the split:
    ``sample(x, n)`` returns its first n members, no randomness) are instead
    called with ``sample(x, n)`` for every n: an ensemble is evaluated with as
    many members as samples.
+   **M-Heads** (Section 3.2: "We train M-Heads models with the corresponding
+   number of heads"): the M-Heads runs form ONE row (``mh4+mh8+...``) whose value
+   at n comes from the run with n heads (:func:`plan_methods`); n = 1 without a
+   1-head run is the first head of the smallest model, labelled so. A count no
+   run has heads for is refused, naming what to train. ``m_heads="prefix"``
+   (not the paper's) makes each M-Heads run a row scored on its first n heads.
+   Every row records which run served each n, and how (``RunResult.sources``).
 3. **Metrics** per image and sample count (:mod:`lidcseg.metrics.extra`, one IoU
    matrix per image for every n), with d = 1 - IoU and d(empty, empty) = 0
    (Appendix B): D^2_GED (Eq. 6; V-statistic by default, the published
@@ -25,9 +32,9 @@ image of the split:
    E[d(S, S')] (the same statistic) and the Hungarian-matched IoU (both sets
    replicated to lcm(n, 4)).
 4. **Comparison.** A two-sided Wilcoxon signed-rank test, paired per image,
-   between the reference run (the first Prob. U-Net run, else the first run)
-   and each other run, on GED and HM-IoU at 16 samples (the largest count if 16
-   is not evaluated).
+   between the reference row (the first Prob. U-Net run, else the first row)
+   and each other row, on GED and HM-IoU at 16 samples (the largest count if 16
+   is not evaluated); the M-Heads row with the values of its model for that n.
 
 **Seeding** (:func:`lidcseg.inference.draw_image_foreground`). Every run's
 latents come from the same seed. A model whose ``sample`` takes ``eps`` gets
@@ -36,13 +43,9 @@ size and ``max_images``, and the same noise for every such run); other models
 get one ``torch.Generator`` seeded with ``seed`` per run, consumed batch by
 batch (the same seed and batch size give the same samples).
 
-Outputs (written by :func:`lidcseg.reports.evaluation.write_evaluation`):
-``summary.json``, ``summary.md``, ``per_image.csv`` (run, model, row, patient,
-n, ged, diversity, hm_iou, cross, grader_diversity), ``ged.png`` (the GED
-distribution per model against n, as Fig. 4a) and ``examples.png`` (grader
-masks and samples of crops where the graders disagree, as Fig. 3a / Appendix
-F). Nothing here prints: progress goes to the ``progress(stage, done, total)``
-callback.
+Outputs: ``summary.json``, ``summary.md``, ``per_image.csv``, ``ged.png`` (Fig. 4a)
+and ``examples.png`` (Fig. 3a), by :func:`lidcseg.reports.evaluation.write_evaluation`.
+Nothing here prints: progress goes to the ``progress(stage, done, total)`` callback.
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ from lidcseg.data.eval_split import EvalSplit, load_split, split_file
 from lidcseg.errors import LidcsegError
 from lidcseg.inference import (
     CT_CHANNELS,
+    OpenRun,
     draw_image_foreground,
     open_runs,
     require_input_size,
     torch_threads,
+    unique_labels,
 )
 from lidcseg.metrics.stats import wilcoxon_paired
 from lidcseg.progress import Progress
@@ -76,6 +81,11 @@ PROBUNET = "probunet"
 COMPARE_AT = 16
 #: Metrics compared with the Wilcoxon test.
 COMPARED_METRICS: tuple[str, ...] = ("ged", "hm_iou")
+#: The M-Heads registry name; its runs are grouped by head count (Section 3.2).
+M_HEADS = "m-heads"
+#: How M-Heads runs are scored (``--m-heads``): ``matched`` (the run with n heads serves n,
+#: the paper's) or ``prefix`` (each run its own row, its first n heads).
+M_HEADS_RULES: tuple[str, ...] = ("matched", "prefix")
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -86,12 +96,15 @@ class RunResult:
     """Per-image metrics of one run.
 
     Attributes:
-        label, path, model: display name, run folder, registry name.
+        label, path, model: display name, run folder ("" for a row of several runs), registry name.
         counts: the sample counts, ascending.
         metrics: name (:data:`lidcseg.metrics.extra.METRIC_NAMES`) -> (len(counts), N) float64.
         examples: position in the split -> (max(counts), T, T) bool samples kept for the figure.
-        sampling: ``prefix`` (first n of one draw) or ``per-count`` (``sample(x, n)`` per n).
+        sampling: ``prefix`` (first n of one draw), ``per-count`` (``sample(x, n)`` per n) or
+            ``model-per-count`` (M-Heads: the run with n heads per n).
         info: checkpoint description; time_s: wall time of sampling + metrics.
+        sources: n -> which run served n: ``run`` (label), ``path``, ``checkpoint``,
+            ``step``, ``heads`` (M-Heads, else None) and ``uses`` (e.g. ``all 4 heads``).
     """
 
     label: str
@@ -103,10 +116,21 @@ class RunResult:
     sampling: str = "prefix"
     info: dict[str, Any] = field(default_factory=dict)
     time_s: float = 0.0
+    sources: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def values(self, metric: str, n: int) -> np.ndarray:
         """(N,) per-image values of ``metric`` at ``n`` samples."""
         return self.metrics[metric][self.counts.index(n)]
+
+
+def check_counts(counts: Sequence[int], unbiased: bool = False) -> tuple[int, ...]:
+    """The distinct sample counts, ascending; each >= 1 (>= 2 for the U-statistic), else LidcsegError."""
+    counts = tuple(sorted({int(c) for c in counts}))
+    if not counts or counts[0] < 1:
+        raise LidcsegError(f"sample counts must be >= 1, got {','.join(map(str, counts))}")
+    if unbiased and counts[0] < 2:
+        raise LidcsegError("the unbiased (U-statistic) GED needs at least 2 samples; drop n = 1")
+    return counts
 
 
 def evaluate_model(
@@ -142,11 +166,7 @@ def evaluate_model(
     """
     from lidcseg.metrics.extra import METRIC_NAMES, joint_iou, prefix_metrics
 
-    counts = tuple(sorted({int(c) for c in counts}))
-    if not counts or counts[0] < 1:
-        raise LidcsegError(f"sample counts must be >= 1, got {counts}")
-    if unbiased and counts[0] < 2:
-        raise LidcsegError("the unbiased (U-statistic) GED needs at least 2 samples; drop n = 1")
+    counts = check_counts(counts, unbiased)
     n_max, total = counts[-1], len(split)
     per_count = bool(getattr(model, "samples_per_count", False))
     metrics = {k: np.empty((len(counts), total)) for k in METRIC_NAMES}
@@ -173,6 +193,133 @@ def evaluate_model(
             if progress is not None:
                 progress(stage, e, total)
     return metrics, kept, "per-count" if per_count else "prefix"
+
+
+# -- rows of the report: which run serves which count ----------------------------------------------
+
+
+@dataclass
+class Method:
+    """One row of the report: ``serve[n] = (run, how)`` for every sample count n; ``sampling``:
+    ``model-per-count`` for the M-Heads row, else None (the run's own, from :func:`evaluate_model`)."""
+
+    label: str
+    model: str
+    serve: dict[int, tuple[OpenRun, str]]
+    sampling: str | None = None
+
+    @property
+    def runs(self) -> list[OpenRun]:
+        """The distinct runs serving this row, in order of the counts."""
+        return list({id(r): r for r, _ in self.serve.values()}.values())
+
+
+def _heads(run: OpenRun) -> int:
+    return int(run.config.num_heads)
+
+
+def _m_heads_row(runs: Sequence[OpenRun], counts: tuple[int, ...]) -> Method:
+    """One row for all M-Heads runs: n is served by the run with n heads (Section 3.2).
+
+    Raises:
+        LidcsegError: a count (other than 1) without a run of that many heads (naming what
+            to train), a run that serves no count (e.g. a second run with the same heads).
+    """
+    by_heads: dict[int, OpenRun] = {}
+    for r in runs:
+        by_heads.setdefault(_heads(r), r)
+    missing = [n for n in counts if n not in by_heads and n != 1]
+    if missing:
+        given = ", ".join(f"{r.label} with {_heads(r)}" for r in sorted(runs, key=_heads))
+        ns = ", ".join(map(str, missing))
+        more = f" (likewise {', '.join(map(str, missing[1:]))})" if len(missing) > 1 else ""
+        models = f"models with {' and '.join(map(str, missing))}" if more else f"a model with {ns}"
+        raise LidcsegError(
+            f"M-Heads at n = {ns} needs {models} heads "
+            f"(Section 3.2; given: {given} heads): train `lidcseg train --model m-heads --set "
+            f"model.num_heads={missing[0]}`{more} and add it with --run, drop the count from -n, "
+            "or pass --m-heads prefix to take the first n heads of one model")
+    smallest = by_heads[min(by_heads)]
+    serve = {n: (by_heads[n], f"all {n} heads") if n in by_heads
+             else (smallest, f"head 1 of {_heads(smallest)} (no 1-head run)") for n in counts}
+    unused = [r for r in runs if all(r is not s for s, _ in serve.values())]
+    if unused:
+        r, k = unused[0], _heads(unused[0])
+        why = (f"{by_heads[k].label} has {k} heads too (one model per count, Section 3.2); evaluate it "
+               "separately, or pass --m-heads prefix" if by_heads[k] is not r else f"drop it, or add {k} to -n")
+        raise LidcsegError(f"M-Heads run {r.label} ({k} heads) serves none of n = "
+                           f"{', '.join(map(str, counts))}: {why}")
+    label = "+".join(r.label for r in sorted(runs, key=_heads))
+    return Method(label, M_HEADS, serve, "model-per-count")
+
+
+def plan_methods(opened: Sequence[OpenRun], counts: Sequence[int], m_heads: str = "matched") -> list[Method]:
+    """The rows of the report, in the order of the runs (the M-Heads row where its first run is).
+
+    Each run is its own row, serving every count as :func:`evaluate_model` samples it, except
+    the M-Heads runs with ``m_heads="matched"`` (default): one row (:func:`_m_heads_row`).
+
+    Raises:
+        LidcsegError: ``m_heads`` not in :data:`M_HEADS_RULES`; the M-Heads runs cannot serve ``counts``.
+    """
+    if m_heads not in M_HEADS_RULES:
+        raise LidcsegError(f"--m-heads must be {' or '.join(M_HEADS_RULES)}, got {m_heads!r}")
+    counts = tuple(sorted({int(c) for c in counts}))
+    grouped = [r for r in opened if r.name == M_HEADS] if m_heads == "matched" else []
+    rows = []
+    for r in opened:
+        if any(r is g for g in grouped):
+            if r is grouped[0]:
+                rows.append(_m_heads_row(grouped, counts))
+            continue
+        how = (f"first {{n}} of {_heads(r)} heads (--m-heads prefix, not the paper's protocol)"
+               if r.name == M_HEADS else "first {n} members" if getattr(r.model, "samples_per_count", False)
+               else f"first {{n}} of {counts[-1]} samples drawn once")
+        rows.append(Method(r.label, r.name, {n: (r, how.format(n=n)) for n in counts}))
+    for row, label in zip(rows, unique_labels([m.label for m in rows]), strict=True):
+        row.label = label
+    return rows
+
+
+def evaluate_method(
+    method: Method,
+    split: EvalSplit,
+    *,
+    seed: int = 0,
+    unbiased: bool = False,
+    batch_size: int = 16,
+    keep: Sequence[int] = (),
+    progress: Progress | None = None,
+) -> RunResult:
+    """Score one row: :func:`evaluate_model` once per serving run, on the counts it serves.
+
+    A row of one run is exactly ``evaluate_model(run.model, split, counts)``; the examples come
+    from the run serving max(counts)."""
+    from lidcseg.metrics.extra import METRIC_NAMES
+
+    t0 = time.perf_counter()
+    counts = tuple(sorted(method.serve))
+    metrics = {k: np.empty((len(counts), len(split))) for k in METRIC_NAMES}
+    kept: dict[int, np.ndarray] = {}
+    sampling = method.sampling
+    for run in method.runs:
+        served = tuple(n for n in counts if method.serve[n][0] is run)
+        top = counts[-1] in served
+        got, k, sampling_of_run = evaluate_model(
+            run.model, split, served, seed=seed, unbiased=unbiased, batch_size=batch_size,
+            device=run.device, keep=keep if top else (), progress=progress, stage=f"evaluate {run.label}")
+        for j, n in enumerate(served):
+            for name in METRIC_NAMES:
+                metrics[name][counts.index(n)] = got[name][j]
+        kept = k if top else kept
+        sampling = sampling or sampling_of_run
+    first, single = method.runs[0], len(method.runs) == 1
+    sources = {n: {"run": r.label, "path": str(r.path), "checkpoint": str(r.checkpoint),
+                   "step": r.info.get("step"), "heads": _heads(r) if r.name == M_HEADS else None,
+                   "uses": uses} for n, (r, uses) in method.serve.items()}
+    info = dict(first.info) if single else {"runs": [dict(r.info) for r in method.runs]}
+    return RunResult(method.label, str(first.path) if single else "", method.model, counts, metrics, kept,
+                     sampling, info, time.perf_counter() - t0, sources)
 
 
 # -- example crops ------------------------------------------------------------------------------
@@ -291,6 +438,7 @@ def evaluate_runs(
     max_images: int | None = None,
     examples: int = 6,
     threads: int = 0,
+    m_heads: str = "matched",
     progress: Progress | None = None,
 ) -> Evaluation:
     """Evaluate every run on ``DATA/<split>.h5`` and (with ``out``) write the report.
@@ -313,13 +461,11 @@ def evaluate_runs(
         max_images: evaluate at most this many crops (evenly spaced).
         examples: crops in the qualitative figure (0: no figure).
         threads: torch CPU threads (0: unchanged).
+        m_heads: ``matched`` (one row of all M-Heads runs, n served by the run with n heads,
+            Section 3.2) or ``prefix`` (each its own row, its first n heads); :func:`plan_methods`.
         progress: ``progress(stage, done, total)``.
     """
-    counts = tuple(sorted({int(c) for c in counts}))
-    if not counts or counts[0] < 1:
-        raise LidcsegError(f"sample counts must be >= 1, got {','.join(map(str, counts))}")
-    if unbiased and counts[0] < 2:
-        raise LidcsegError("the unbiased (U-statistic) GED needs at least 2 samples; drop n = 1")
+    counts = check_counts(counts, unbiased)
     if batch_size < 1:
         raise LidcsegError(f"batch size must be >= 1, got {batch_size}")
     split_file(data_dir, split)  # a missing split fails before any model loads
@@ -331,21 +477,16 @@ def evaluate_runs(
         check_output_folder(out, EVALUATION_OUTPUT, inputs=inputs)  # before the sampling, not after
     with torch_threads(threads):
         opened = open_runs(runs, device, in_channels=CT_CHANNELS)
+        methods = plan_methods(opened, counts, m_heads)  # before any sampling
         data = load_split(data_dir, split, require_input_size(opened[0]), max_images, progress)
         chosen = disagreement_examples(data.masks, examples, data.lesion)
-        results = []
-        for run in opened:
-            t0 = time.perf_counter()
-            metrics, kept, sampling = evaluate_model(
-                run.model, data, counts, seed=seed, unbiased=unbiased, batch_size=batch_size,
-                device=run.device, keep=chosen, progress=progress, stage=f"evaluate {run.label}",
-            )
-            results.append(RunResult(run.label, str(run.path), run.name, counts, metrics, kept, sampling,
-                                     dict(run.info), time.perf_counter() - t0))
+        results = [evaluate_method(m, data, seed=seed, unbiased=unbiased, batch_size=batch_size,
+                                   keep=chosen, progress=progress) for m in methods]
     evaluation = Evaluation(
         data, split, counts, results, chosen, compare_runs(results),
         {"seed": seed, "unbiased": unbiased, "device": str(opened[0].device),
-         "batch_size": batch_size, "max_images": max_images, "data": str(Path(data_dir))},
+         "batch_size": batch_size, "max_images": max_images, "data": str(Path(data_dir)),
+         "m_heads": m_heads},
     )
     if out is not None:
         from lidcseg.reports.evaluation import write_evaluation

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from lidcseg.ambiguity import (
+    CRITERIA,
     ambiguity_runs,
     choose_threshold,
     count_lesions,
@@ -83,6 +84,48 @@ def test_balanced_accuracy_and_accuracy_choose_differently() -> None:
     assert bal.accuracy == pytest.approx(0.7)
     with pytest.raises(LidcsegError, match="criterion"):
         choose_threshold(counts, truth, 16, "f1")
+
+
+def test_the_default_criterion_is_the_papers_accuracy() -> None:
+    """Appendix E picks the threshold by validation accuracy: the default, where balanced accuracy disagrees."""
+    counts = np.array([10, 10, 11, 12, 13, 16, 16, 16, 16, 16])
+    truth = np.array([True] * 8 + [False] * 2)
+    assert CRITERIA[0] == "accuracy" and "balanced" in CRITERIA
+    default = choose_threshold(counts, truth, 16)
+    assert (default.criterion, default.threshold, default.accuracy) == ("accuracy", 17, pytest.approx(0.8))
+    assert choose_threshold(counts, truth, 16, "balanced").threshold == 15
+
+
+def test_a_default_run_picks_the_accuracy_threshold(
+    disc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ambiguity_runs and `lidcseg ambiguity` choose by accuracy unless told otherwise (hand-built counts)."""
+    import lidcseg.ambiguity as amb
+
+    val_truth = presence_ambiguous(load_split(disc_data, "val", INPUT).masks)
+    assert val_truth.sum() == 3 and (~val_truth).sum() == 1  # disc_data: 3 of 4 val crops ambiguous
+    # n = 4: one ambiguous crop shows no lesion, the other three crops all show it in 4 of 4.
+    # accuracy: t = 5 (all ambiguous) is right on 3/4, t in 1..4 on 2/4; balanced accuracy:
+    # t in 1..4 gives (1/3 + 1) / 2 = 2/3 > 1/2, the middle is t = 2.
+    hand = np.full(4, 4)
+    hand[np.flatnonzero(val_truth)[0]] = 0
+    monkeypatch.setattr(amb, "count_lesions", lambda *a, **kw: hand.copy())
+    run = make_run(tmp_path / "pun")
+    info = ambiguity_runs(disc_data, [run], n=4, device="cpu")
+    assert info["criterion"] == "accuracy"
+    assert (info["runs"][0]["threshold"], info["runs"][0]["val_accuracy"]) == (5, 0.75)
+    assert ambiguity_runs(disc_data, [run], n=4, device="cpu", criterion="balanced")["runs"][0]["threshold"] == 2
+    args = ["ambiguity", "--data", str(disc_data), "--run", str(run), "--device", "cpu", "-n", "4"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "amb")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "amb" / "ambiguity.json").read_text())
+    assert saved["criterion"] == "accuracy" and saved["runs"][0]["threshold"] == 5
+    md = (tmp_path / "amb" / "ambiguity.md").read_text()
+    assert "t chosen on `val` by accuracy" in md and "| val accuracy |" in md
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "amb-b"), "--criterion", "balanced"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "amb-b" / "ambiguity.json").read_text())["runs"][0]["threshold"] == 2
+    assert "| val bal. acc. |" in (tmp_path / "amb-b" / "ambiguity.md").read_text()
 
 
 def test_counts_come_from_the_samples_evaluate_draws(disc_data: Path) -> None:

@@ -77,6 +77,25 @@ def test_oracle_is_calibrated(test_split) -> None:
     assert kept[5].shape == (32, 32, 64)
 
 
+def test_mode_frequencies_count_every_scene_unless_complete_is_asked(test_split) -> None:
+    """Appendix C: a scene lacking one switchable class counts by default, not under ``complete``."""
+    images, labels, ignore = (t[:6].clone() for t in test_split)
+    person = SWITCHES[1].original
+    assert bool(((labels[0] == person) & ~ignore[0]).any())
+    labels[0][labels[0] == person] = 2  # scene 0 without a person
+    oracle = FlipOracle(images, labels)
+    kw = dict(counts=(1,), samples=4, seed=0, batch_size=4)
+    every, _ = calibrate_model(oracle, images, labels, ignore, **kw)
+    complete, _ = calibrate_model(oracle, images, labels, ignore, mode_scenes="complete", **kw)
+    assert (every["modes"]["rule"], every["modes"]["scenes"], every["modes"]["matched_samples"]) == ("all", 6, 24)
+    assert every["modes"]["complete_scenes"] == 5
+    assert (complete["modes"]["rule"], complete["modes"]["scenes"], complete["modes"]["matched_samples"]) == (
+        "complete", 5, 20)
+    assert every["per_image_ged"] == complete["per_image_ged"]  # the GED uses every scene either way
+    with pytest.raises(LidcsegError, match="--mode-scenes"):
+        calibrate_model(oracle, images, labels, ignore, mode_scenes="most", **kw)
+
+
 def test_uint8_inputs_give_the_same_result(scenes: Path, test_split) -> None:
     images, labels, ignore = test_split
     raw_images, raw_labels = SceneEvalDataset(scenes / "test.h5").arrays()
@@ -196,8 +215,10 @@ def test_cli_calibration_end_to_end(scenes: Path, tmp_path: Path) -> None:
     assert set(report["runs"][0]["ged"]) == {"1", "4"}
     assert len(report["runs"][0]["modes"]["per_mode"]) == 32
     assert report["data"]["scenes"] == 6
+    assert report["settings"]["mode_scenes"] == "all" and report["runs"][0]["modes"]["rule"] == "all"
     md = (out / "calibration.md").read_text()
     assert "Table 2" in md and "Pearson r" in md and "sidewalk → sidewalk 2" in md
+    assert "Every scene counts, the authors' rule" in md and "over all scenes" in result.output
     # The Prob. U-Net is checked for what its posterior encodes; the oracle has no posterior.
     post = report["runs"][0]["posterior"]
     assert post["cases"] == 6 * 32 and len(post["per_switch"]) == 5
@@ -214,6 +235,12 @@ def test_calibrate_runs_labels_repeated_runs(scenes: Path, tmp_path: Path) -> No
     assert report["runs"][0]["ged"] == report["runs"][1]["ged"]  # the same model on the same noise
     assert report["runs"][0]["info"]["step"] == 3
     assert not (tmp_path / "report" / "examples.png").exists()
+    complete = calibrate_runs(scenes, [], tmp_path / "report2", counts=(1,), samples=1, max_images=2,
+                              oracle=True, examples=0, mode_scenes="complete", device="cpu")
+    assert complete["settings"]["mode_scenes"] == "complete"
+    assert complete["runs"][0]["modes"]["rule"] == "complete"
+    assert "(`--mode-scenes complete`; the authors count every scene)" in (
+        tmp_path / "report2" / "calibration.md").read_text()
 
 
 def test_cli_calibration_errors(scenes: Path, tmp_path: Path, disc_data: Path) -> None:
@@ -233,3 +260,6 @@ def test_cli_calibration_errors(scenes: Path, tmp_path: Path, disc_data: Path) -
                                         "-n", "0,4"]), "-n")
     _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--oracle",
                                         "--split", "train2"]), "split")
+    _one_line_error(runner.invoke(app, ["calibration", "--data", str(scenes), "--out", out, "--oracle",
+                                        "--mode-scenes", "most"]), "--mode-scenes", "all or complete")
+    assert not (tmp_path / "r").exists()

@@ -28,7 +28,7 @@ from lidcseg.io.atomic import write_json_atomic
 from lidcseg.metrics import ged_terms, hungarian_iou, sample_diversity
 from lidcseg.metrics.extra import hungarian_iou_from_matrix, joint_iou, prefix_metrics
 from lidcseg.models.checkpoint import save_checkpoint
-from lidcseg.models.registry import SegmentationModel, create_model
+from lidcseg.models.registry import SegmentationModel, create_model, model_config
 from lidcseg.reports.evaluation import CSV_COLUMNS
 from lidcseg.seed import seed_everything
 from lidcseg_cli.main import app
@@ -222,7 +222,7 @@ def test_seeded_samples(disc_data: Path, runs: list[Path], monkeypatch) -> None:
     """Same seed, same numbers; another seed, other samples."""
     import lidcseg.inference
 
-    def load(run, device="auto", input_size=None) -> OpenRun:
+    def load(run, device="auto", input_size=None, in_channels=None) -> OpenRun:
         return fake_run(NoiseModel(), Path(run))
 
     monkeypatch.setattr(lidcseg.inference, "open_run", load)
@@ -287,6 +287,143 @@ def test_wilcoxon_is_called_on_paired_per_image_arrays(monkeypatch) -> None:
 # -- the report, the command line ----------------------------------------------------------------
 
 
+# -- M-Heads: one model per sample count (Section 3.2) ----------------------------------------------
+
+
+def m_heads_cfg(heads: int) -> ModelConfig:
+    return model_config("m-heads", TINY, num_heads=heads)
+
+
+@pytest.fixture(scope="module")
+def m_heads_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Untrained tiny M-Heads runs with 4 and 8 heads (different weights)."""
+    root = tmp_path_factory.mktemp("m_heads")
+    return {k: make_run(root / f"mh{k}", k, m_heads_cfg(k)) for k in (4, 8)}
+
+
+def alone(run: Path, split, counts) -> dict[str, np.ndarray]:
+    """The metrics of one checkpoint evaluated by itself at ``counts``."""
+    from lidcseg.inference import open_run
+
+    return evaluate_model(open_run(run, "cpu").model, split, counts, batch_size=3)[0]
+
+
+def test_m_heads_runs_form_one_row_each_count_from_its_own_model(
+    disc_data: Path, m_heads_runs: dict[int, Path], tmp_path: Path
+) -> None:
+    """n = 4 comes from the 4-head model, n = 8 from the 8-head model; the report names them."""
+    out = tmp_path / "report"
+    ev = evaluate_runs(disc_data, [m_heads_runs[8], m_heads_runs[4]], counts=(4, 8), out=out, device="cpu",
+                       examples=1, batch_size=3)
+    assert len(ev.results) == 1
+    row = ev.results[0]
+    assert (row.label, row.model, row.sampling) == ("mh4+mh8", "m-heads", "model-per-count")
+    split = load_split(disc_data, "test", INPUT)
+    for n in (4, 8):
+        own = alone(m_heads_runs[n], split, (n,))
+        for k in own:
+            np.testing.assert_array_equal(row.values(k, n), own[k][0])
+        assert row.sources[n]["run"] == f"mh{n}" and row.sources[n]["heads"] == n
+        assert row.sources[n]["uses"] == f"all {n} heads"
+        assert row.sources[n]["checkpoint"].endswith(f"mh{n}/best")
+    # The 8-head model's first 4 heads are not what n = 4 scores.
+    assert not np.array_equal(row.values("ged", 4), alone(m_heads_runs[8], split, (4, 8))["ged"][0])
+    info = json.loads((out / "summary.json").read_text())
+    served = info["runs"][0]["served_by"]
+    assert {n: (s["run"], s["heads"]) for n, s in served.items()} == {"4": ("mh4", 4), "8": ("mh8", 8)}
+    assert info["settings"]["m_heads"] == "matched" and "n heads" in info["protocol"]["samples"]
+    with (out / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["run"], r["n"], r["source"]) for r in rows} == {("mh4+mh8", "4", "mh4"), ("mh4+mh8", "8", "mh8")}
+    md = (out / "summary.md").read_text()
+    assert "| mh4+mh8 | m-heads | 4 | mh4: all 4 heads |" in md and "| mh4+mh8 | m-heads | 8 | mh8: all 8 heads |" in md
+    assert row.examples and next(iter(row.examples.values())).shape[0] == 8  # the figure shows the 8-head model
+    from lidcseg.reports.evaluation import legend
+
+    assert legend(row) == "mh4+mh8 (n=4: mh4, n=8: mh8)"  # ged.png's legend
+
+
+def test_cli_evaluate_m_heads(disc_data: Path, m_heads_runs: dict[int, Path], tmp_path: Path) -> None:
+    base = ["evaluate", "--data", str(disc_data), "--device", "cpu", "--examples", "0", "--max-images", "2"]
+    result = runner.invoke(app, [*base, "--run", str(m_heads_runs[4]), "--run", str(m_heads_runs[8]),
+                                 "-n", "1,4,8", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "mh4+mh8 (m-heads): GED@8" in result.output
+    assert ("n = 1: mh4, head 1 of 4 (no 1-head run); n = 4: mh4, all 4 heads; n = 8: mh8, all 8 heads"
+            in " ".join(result.output.split()))
+    result = runner.invoke(app, [*base, "--run", str(m_heads_runs[8]), "-n", "4,8", "--m-heads", "prefix",
+                                 "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert info["runs"][0]["served_by"]["4"]["uses"].startswith("first 4 of 8 heads (--m-heads prefix")
+    one_line_error(runner.invoke(app, [*base, "--run", str(m_heads_runs[8]), "--m-heads", "all",
+                                       "--out", str(tmp_path / "c")]), "--m-heads", "matched or prefix")
+
+
+def test_m_heads_n1_is_the_first_head_of_the_smallest_model(disc_data: Path, m_heads_runs: dict[int, Path]) -> None:
+    ev = evaluate_runs(disc_data, [m_heads_runs[4], m_heads_runs[8]], counts=(1, 4, 8), device="cpu", examples=0)
+    row = ev.results[0]
+    split = load_split(disc_data, "test", INPUT)
+    np.testing.assert_array_equal(row.values("ged", 1), alone(m_heads_runs[4], split, (1,))["ged"][0])
+    assert row.sources[1]["run"] == "mh4" and row.sources[1]["uses"] == "head 1 of 4 (no 1-head run)"
+
+
+def test_m_heads_without_a_model_of_n_heads_is_refused(
+    disc_data: Path, m_heads_runs: dict[int, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(LidcsegError, match=r"M-Heads at n = 4 needs a model with 4 heads.*"
+                                           r"lidcseg train --model m-heads --set model.num_heads=4"):
+        evaluate_runs(disc_data, [m_heads_runs[8]], counts=(4, 8), device="cpu", examples=0)
+    base = ["evaluate", "--data", str(disc_data), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    one_line_error(runner.invoke(app, [*base, "--run", str(m_heads_runs[8]), "-n", "1,4,8,16"]),
+                   "n = 4, 16", "model.num_heads=4", "--m-heads prefix")
+    # two runs with the same head count, and a run that serves no count
+    one_line_error(runner.invoke(app, [*base, "--run", str(m_heads_runs[8]), "--run", str(m_heads_runs[8]),
+                                       "-n", "8"]), "mh8", "mh8#2", "8 heads")
+    one_line_error(runner.invoke(app, [*base, "--run", str(m_heads_runs[8]), "--run", str(m_heads_runs[4]),
+                                       "-n", "8"]), "mh4", "serves none")
+    assert not (tmp_path / "o").exists()
+
+
+def test_m_heads_prefix_is_an_explicit_labelled_option(disc_data: Path, m_heads_runs: dict[int, Path]) -> None:
+    """``--m-heads prefix``: every run its own row, n = its first n heads (not the paper's protocol)."""
+    ev = evaluate_runs(disc_data, [m_heads_runs[8], m_heads_runs[4]], counts=(2, 4), device="cpu", examples=0,
+                       m_heads="prefix")
+    assert [r.label for r in ev.results] == ["mh8", "mh4"]
+    split = load_split(disc_data, "test", INPUT)
+    np.testing.assert_array_equal(ev.results[0].metrics["ged"], alone(m_heads_runs[8], split, (2, 4))["ged"])
+    assert ev.results[0].sources[2]["uses"] == "first 2 of 8 heads (--m-heads prefix, not the paper's protocol)"
+    assert ev.settings["m_heads"] == "prefix"
+    with pytest.raises(LidcsegError, match="--m-heads"):
+        evaluate_runs(disc_data, [m_heads_runs[8]], counts=(4,), device="cpu", m_heads="first")
+
+
+def test_m_heads_row_in_the_wilcoxon_test(disc_data: Path, runs: list[Path], m_heads_runs: dict[int, Path]) -> None:
+    """The grouped row is compared with the Prob. U-Net per image at the compare count (its 8-head model)."""
+    ev = evaluate_runs(disc_data, [m_heads_runs[4], runs[0], m_heads_runs[8]], counts=(4, 8), device="cpu",
+                       examples=0)
+    assert [r.label for r in ev.results] == ["mh4+mh8", "pun"] and ev.reference == "pun"
+    ged = [t for t in ev.comparisons if t["metric"] == "ged"]
+    assert [(t["other"], t["n"]) for t in ged] == [("mh4+mh8", 8)]
+    split = load_split(disc_data, "test", INPUT)
+    diff = alone(m_heads_runs[8], split, (8,))["ged"][0] - ev.results[1].values("ged", 8)
+    assert ged[0]["mean_difference"] == pytest.approx(float(diff.mean()))
+
+
+def test_ensembles_and_prob_unets_keep_their_numbers(disc_data: Path, runs: list[Path]) -> None:
+    """A run that is not M-Heads is one row served by itself, exactly as ``evaluate_model`` scores it."""
+    ev = evaluate_runs(disc_data, runs[:1], counts=(1, 4), device="cpu", examples=0, batch_size=3)
+    split = load_split(disc_data, "test", INPUT)
+    from lidcseg.inference import open_run
+
+    own = evaluate_model(open_run(runs[0], "cpu").model, split, (1, 4), batch_size=3)[0]
+    for k in own:
+        np.testing.assert_array_equal(ev.results[0].metrics[k], own[k])
+    assert ev.results[0].sources[4] | {"checkpoint": None} == {
+        "run": "pun", "path": str(runs[0]), "checkpoint": None, "step": 0, "heads": None,
+        "uses": "first 4 of 4 samples drawn once"}
+
+
 def test_evaluate_writes_the_report(disc_data: Path, runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
     ev = evaluate_runs(disc_data, runs, counts=(1, 4), out=out, device="cpu", examples=2, batch_size=2)
@@ -295,6 +432,7 @@ def test_evaluate_writes_the_report(disc_data: Path, runs: list[Path], tmp_path:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_COLUMNS
     assert len(rows) == 2 * 2 * 4  # runs x counts x images
+    assert {r["source"] for r in rows if r["run"] == "pun"} == {"pun"}
     assert {r["run"] for r in rows} == {"pun", "other"} and {r["n"] for r in rows} == {"1", "4"}
     assert rows[0]["patient"].startswith("SYN-")
     first = [r for r in rows if r["run"] == "pun" and r["n"] == "4"]
@@ -305,7 +443,9 @@ def test_evaluate_writes_the_report(disc_data: Path, runs: list[Path], tmp_path:
     assert info["wilcoxon"][0]["n"] == 4 and info["wilcoxon"][0]["reference"] == "pun"
     assert set(info["runs"][0]["metrics"]["4"]["ged"]) >= {"mean", "sd", "median"}
     md = (out / "summary.md").read_text()
-    assert "| run | model | n | GED² |" in md and "Wilcoxon" in md
+    assert "| run | model | n | samples from | GED² |" in md and "Wilcoxon" in md
+    assert "| pun | probunet | 4 | pun: first 4 of 4 samples drawn once |" in md
+    assert info["runs"][0]["served_by"]["1"]["run"] == "pun" and info["runs"][0]["run"] == str(runs[0])
     for png in ("ged.png", "examples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -90,7 +90,7 @@ def test_cli_latent_and_its_errors(disc_data: Path, tmp_path: Path, monkeypatch)
     baseline = nn.Conv2d(1, 2, 1)
     baseline.config = ModelConfig(name="unet-ensemble")  # type: ignore[assignment]
 
-    def load(r, device="auto", input_size=None) -> OpenRun:
+    def load(r, device="auto", input_size=None, in_channels=None) -> OpenRun:
         return fake_run(baseline, Path(r), "unet-ensemble")
 
     monkeypatch.setattr(lidcseg.inference, "open_run", load)

@@ -143,13 +143,90 @@ def test_pearson() -> None:
 # -- the accumulator ---------------------------------------------------------------------------
 
 
-def test_accumulator_counts_only_scenes_with_all_classes() -> None:
+def test_accumulator_counts_every_scene_by_default_or_only_complete_ones() -> None:
+    """Appendix C: the authors count every test image; ``complete`` keeps only scenes with all five classes."""
     samples, labels, ignore = _random_case(3, n=4)
     acc = CalibrationAccumulator(counts=(1, 2), samples=4)
     acc.update(samples, labels, ignore)
     res = acc.result()
     assert res["images"] == 3
-    assert res["modes"]["scenes"] == 1 and res["modes"]["matched_samples"] == 4  # only image 2
+    assert res["modes"]["rule"] == "all" and res["modes"]["complete_scenes"] == 1
+    assert res["modes"]["scenes"] == 3 and res["modes"]["matched_samples"] == 12  # images 0 (no person), 1, 2
+    complete = CalibrationAccumulator(counts=(1, 2), samples=4, mode_scenes="complete")
+    complete.update(samples, labels, ignore)
+    modes = complete.result()["modes"]
+    assert modes["rule"] == "complete" and modes["scenes"] == 1 and modes["matched_samples"] == 4  # image 2
     assert set(res["ged"]) == {"1", "2"}
+    assert res["ged"] == complete.result()["ged"] and res["pixels"] == complete.result()["pixels"]
     with pytest.raises(ValueError):
         acc.update(samples[:, :2], labels, ignore)
+    with pytest.raises(ValueError, match="mode_scenes"):
+        CalibrationAccumulator(mode_scenes="some")
+
+
+def _hand_scenes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three 1 x 5 scenes with two samples each: (3, 2, 1, 5) samples, (3, 1, 5) labels.
+
+    Scene 0 has all five switchable classes; scene 1 no person (11); scene 2 none of them.
+    """
+    labels = torch.tensor([[[1, 11, 13, 8, 0]], [[1, 13, 8, 0, 2]], [[2, 3, 4, 5, 6]]])
+    samples = torch.tensor([
+        [[[1, 11, 21, 8, 0]], [[1, 11, 13, 8, 0]]],  # car flipped (mode 4); nothing flipped (0)
+        [[[19, 13, 8, 0, 2]], [[1, 21, 8, 23, 2]]],  # sidewalk (1); car + road (4 + 16), person: absent
+        [[[2, 3, 4, 5, 6]], [[13, 3, 4, 5, 6]]],  # no switchable class / a car the scene lacks: mode 0
+    ])
+    return samples, labels
+
+
+def _authors_mode_counts(samples: torch.Tensor, labels: torch.Tensor, ignore: torch.Tensor | None) -> np.ndarray:
+    """A port of the official ``get_mode_counts``: per-class 1 - IoU (NaN when the class is in neither
+    map), ``nanmean`` over the 10 classes, ``argmin`` over the modes (an all-NaN row gives index 0),
+    every image counted."""
+    import warnings
+
+    from lidcseg.flips import EVAL_CLASSES
+
+    counts = np.zeros(32, np.int64)
+    modes = mode_labels(labels).numpy()
+    valid = np.ones(labels.shape, bool) if ignore is None else ~ignore.numpy()
+    for b in range(labels.shape[0]):
+        d = np.empty((32, samples.shape[1], len(EVAL_CLASSES)))
+        for k in range(32):
+            for s in range(samples.shape[1]):
+                for j, c in enumerate(EVAL_CLASSES):
+                    y, x = (modes[b, k] == c) & valid[b], (samples[b, s].numpy() == c) & valid[b]
+                    union = (y | x).sum()
+                    d[k, s, j] = 1 - (y & x).sum() / union if union else np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN slice
+            mean_d = np.nanmean(d, axis=-1)
+        for m in np.argmin(mean_d, axis=0):
+            counts[m] += 1
+    return counts
+
+
+def test_mode_frequencies_hand_table_count_every_scene() -> None:
+    samples, labels = _hand_scenes()
+    acc = CalibrationAccumulator(counts=(1,), samples=2)
+    acc.update(samples, labels, None)
+    modes = acc.result()["modes"]
+    table = {m["mode"]: m["frequency"] for m in modes["per_mode"] if m["count"]}
+    assert table == {0: pytest.approx(3 / 6), 1: pytest.approx(1 / 6), 4: pytest.approx(1 / 6),
+                     20: pytest.approx(1 / 6)}
+    assert (modes["scenes"], modes["matched_samples"], modes["complete_scenes"]) == (3, 6, 1)
+    np.testing.assert_array_equal(acc.mode_counts, _authors_mode_counts(samples, labels, None))
+    # Only the complete scene 0 under the option: car flipped and nothing flipped, half each.
+    complete = CalibrationAccumulator(counts=(1,), samples=2, mode_scenes="complete")
+    complete.update(samples, labels, None)
+    modes = complete.result()["modes"]
+    assert {m["mode"]: m["frequency"] for m in modes["per_mode"] if m["count"]} == {0: 0.5, 4: 0.5}
+    assert (modes["scenes"], modes["matched_samples"]) == (1, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mode_counts_equal_the_authors_code(seed: int) -> None:
+    """Scenes without some switchable class (or any): ties to the lowest mode, as ``np.argmin`` there."""
+    samples, labels, ignore = _random_case(seed, n=4)
+    acc = CalibrationAccumulator(counts=(1,), samples=4)
+    acc.update(samples, labels, ignore)
+    np.testing.assert_array_equal(acc.mode_counts, _authors_mode_counts(samples, labels, ignore))

@@ -63,26 +63,32 @@ def test_evaluation_markdown_layout() -> None:
     info = {
         "split": "test", "images": 3, "input_size": 64,
         "protocol": {"ged": "V-statistic", "samples": evaluation_report.sampling_protocol(16)},
-        "runs": [{"label": "a", "model": "probunet", "metrics": {"16": metrics}},
-                 {"label": "b", "model": "unet-ensemble", "metrics": {"16": metrics}}],
+        "runs": [{"label": "a", "model": "probunet", "metrics": {"16": metrics},
+                  "served_by": {"16": {"run": "a", "uses": "first 16 of 16 samples drawn once"}}},
+                 {"label": "b", "model": "m-heads", "metrics": {"16": metrics},
+                  "served_by": {"16": {"run": "mh16", "uses": "all 16 heads"}}}],
         "reference": "a",
         "wilcoxon": [{"other": "b", "metric": "ged", "n": 16, "mean_difference": 0.1, "median_difference": 0.2,
                       "statistic": 3.0, "p_value": 0.0123456, "nonzero": 3, "images": 3}],
     }
     md = evaluation_report.markdown_report(None, info)  # type: ignore[arg-type]  # info given: not read
-    row = "probunet | 16 | 0.250 ± 0.100 [0.500] | 0.500 ± 0.100 | 0.750 ± 0.100 | 0.400 |"
+    row = "0.250 ± 0.100 [0.500] | 0.500 ± 0.100 | 0.750 ± 0.100 | 0.400 |"
     assert md == (
         "# Evaluation on `test` (3 images, 64 px)\n\n"
         "GED² (Eq. 6, d = 1 − IoU, V-statistic), sample diversity E[d(S,S′)] and Hungarian-matched IoU, "
         f"per image; mean ± sd over images, median in brackets. Samples: {info['protocol']['samples']}.\n\n"
-        "| run | model | n | GED² | diversity | HM-IoU | graders E[d(Y,Y′)] |\n|---|---|---|---|---|---|---|\n"
-        f"| a | {row}\n| b | {row.replace('probunet', 'unet-ensemble')}\n\n"
+        "| run | model | n | samples from | GED² | diversity | HM-IoU | graders E[d(Y,Y′)] |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        f"| a | probunet | 16 | a: first 16 of 16 samples drawn once | {row}\n"
+        f"| b | m-heads | 16 | mh16: all 16 heads | {row}\n\n"
         "## Wilcoxon signed-rank tests against `a` (paired per image)\n\n"
         "| run | metric | n | mean diff (run − ref) | median diff | W | p | pairs ≠ 0 |\n"
         "|---|---|---|---|---|---|---|---|\n"
         "| b | ged | 16 | 0.100 | 0.200 | 3 | 0.0123 | 3/3 |\n"
     )
     assert "16 samples" in info["protocol"]["samples"] and "samples_per_count" in info["protocol"]["samples"]
+    assert "the run with n heads" in info["protocol"]["samples"]
+    assert "--m-heads prefix" in evaluation_report.sampling_protocol(16, "prefix")
     info["wilcoxon"] = []
     assert "Wilcoxon" not in evaluation_report.markdown_report(None, info)  # type: ignore[arg-type]
 

@@ -127,7 +127,7 @@ class OwnNoiseModel(nn.Module):
 
 
 def fake_open_run(model: nn.Module):
-    def open_run(run, device="auto", input_size=None) -> OpenRun:
+    def open_run(run, device="auto", input_size=None, in_channels=None) -> OpenRun:
         return OpenRun(label="fake", path=Path(str(run)), checkpoint=Path(str(run)), run_dir=None, model=model,
                        config=ModelConfig(), input_size=INPUT, data=DataConfig(),
                        device=torch.device("cpu"), info={"name": "threshold", "checkpoint": None})

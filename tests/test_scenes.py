@@ -17,6 +17,7 @@ from lidcseg.data.scenes import (
     SceneEvalDataset,
     SceneStore,
     SceneTrainDataset,
+    augment_scene,
     is_scene_data,
     make_scene,
     make_scenes,
@@ -116,13 +117,14 @@ def test_train_stream_flips_fresh_each_step(scenes: Path) -> None:
     assert a["image"].shape == (3, 32, 64) and a["image"].dtype == torch.float32
     assert -1.0 <= float(a["image"].min()) and float(a["image"].max()) <= 1.0
     assert a["mask"].dtype == torch.int64 and a["ignore"].dtype == torch.bool
-    # The target is the stored label under the drawn flips (and mirror).
+    # The target is the stored label under the drawn flips, then the drawn augmentation
+    # (Appendix H.2 since #13; it was a left-right mirror with probability 1/2).
     for k in range(12):
         item = ds[k]
-        index, flips, mirror = ds.draw(k)
-        label = apply_flips(ds.store[index][1], flips)
-        if mirror:
-            label = label[:, ::-1]
+        index, flips, aug = ds.draw(k)
+        image, label = ds.store[index]
+        image, label = augment_scene(image, apply_flips(label, flips), aug)
+        assert torch.equal(item["image"], image)
         label = torch.from_numpy(label.copy()).long()
         assert torch.equal(item["ignore"], label == IGNORE_INDEX)
         assert torch.equal(item["mask"][~item["ignore"]], label[~item["ignore"]])
@@ -220,3 +222,17 @@ def test_cli_cpu_quick_on_scenes_means_scenes_quick(tmp_path) -> None:
     assert config["model"]["num_classes"] == 24 and config["model"]["in_channels"] == 3
     assert config["model"]["latent_dim"] == quick_model.latent_dim
     assert config["train"]["lr"] == quick_train.lr
+
+
+def test_train_stream_augments_as_the_paper_not_by_mirroring(scenes: Path) -> None:
+    """Appendix H.2 by default: elastic/affine warps with ignore padding, never mirroring alone (#13)."""
+    ds = SceneTrainDataset(scenes / "train.h5", seed=0)
+    warped = padded = 0
+    for k in range(12):
+        item = ds[k]
+        index, flips = ds.draw(k)[:2]
+        label = torch.from_numpy(apply_flips(ds.store[index][1], flips).astype(np.int64))
+        target = item["mask"].masked_fill(item["ignore"], IGNORE_INDEX)
+        warped += not (torch.equal(target, label) or torch.equal(target, label.flip(-1)))
+        padded += int(item["ignore"].sum()) > int((label == IGNORE_INDEX).sum())
+    assert warped >= 10 and padded >= 1

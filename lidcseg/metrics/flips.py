@@ -8,10 +8,18 @@ runs them over trained runs, and training's validation on the flip task
 
 **Distance.** d(A, B) = 1 - mean IoU over the 10 switchable classes (the five
 originals and their five twins, :data:`~lidcseg.flips.EVAL_CLASSES`) that are
-present in A or B; ignored pixels are left out; d = 0 when none of the 10 is
-present in either (:func:`pairwise_flip_distance`). This is the authors'
-evaluation: a per-class IoU, NaN for classes absent in both, averaged with
-``nanmean``.
+present in A or B; ignored pixels are left out (:func:`pairwise_flip_distance`).
+This is the authors' evaluation: a per-class IoU, NaN for classes absent in
+both, averaged with ``nanmean``. Where none of the 10 is present in either map
+the authors' mean is NaN (``nanmean`` of an empty set); here d = 0: such a pair
+counts as identical. It happens between two samples that both show none of the
+10 classes, and in a scene without any (non-ignored) switchable pixel between
+its modes (all of them the label itself) and between a mode and such a sample.
+The authors' per-image GED is then NaN (a plain mean over those pairs); ours is
+finite. In the mode matching the convention changes nothing: a NaN d(S, Y_k)
+only occurs in a scene without switchable pixels, where every mode has the
+same distance to a sample (0 or 1 here, NaN or 1 there), and both ``argmin``
+conventions give mode 0, nothing flipped.
 
 **GED against the mixture (Eq. 7).**
 
@@ -29,14 +37,19 @@ pixel-wise definition (checked in the tests). The paper's Prob. U-Net
 (:data:`PAPER_GED`).
 
 **Mode-wise frequencies (Fig. 5, Appendix C).** Each sample is matched to its
-closest mode, argmin_k d(S, Y_k) (ties to the lowest k, as the authors' code).
-The predicted frequency of mode k is the share of samples matched to it,
-compared with w_k: Pearson correlation and mean absolute error over the 32
-modes. Only scenes where all five switchable classes are present (at least
-``min_pixels`` non-ignored pixels each) count: in a scene without, say, a
-person, the modes that differ only in the person's flip are identical and the
-match would always pick the un-flipped one (the authors' code counts such
-scenes, which biases every mode with a flipped absent class downwards).
+closest mode, argmin_k d(S, Y_k) (ties to the lowest k, as ``np.argmin`` in the
+authors' code). The predicted frequency of mode k is the share of samples
+matched to it, compared with w_k: Pearson correlation and mean absolute error
+over the 32 modes. Which scenes count is ``mode_scenes`` (:data:`MODE_SCENES`):
+
+- ``all`` (default, the authors' rule): every scene. In a scene without, say, a
+  person, the modes that differ only in the person's flip are identical, so a
+  sample matches the one with the person un-flipped (the lowest index, exactly
+  as the authors' ``argmin``); a scene without any switchable class gives mode 0
+  (nothing flipped). This biases every mode with a flipped absent class
+  downwards; the paper's Fig. 5 was counted this way.
+- ``complete``: only scenes where all five switchable classes are present (at
+  least ``min_pixels`` non-ignored pixels each), which avoids that bias.
 
 **Pixel-wise marginals (Figs. 8-10).** For each switch, p(twin | original) =
 the share of the original class's pixels (all scenes, all samples pooled, as
@@ -73,6 +86,9 @@ PAPER_GED: dict[int, float] = {1: 0.874, 4: 0.337, 8: 0.248, 16: 0.206}
 DEFAULT_COUNTS: tuple[int, ...] = (1, 4, 8, 16)
 #: Samples per scene for the mode frequencies and pixel marginals (Appendix C: 16).
 DEFAULT_SAMPLES = 16
+#: Which scenes count in the mode frequencies: ``all`` (the authors' rule, the default) or
+#: ``complete`` (only scenes with all five switchable classes).
+MODE_SCENES: tuple[str, ...] = ("all", "complete")
 
 
 # -- the distance ------------------------------------------------------------------------------
@@ -289,23 +305,33 @@ class CalibrationAccumulator:
     Args:
         counts: sample counts of the GED (each uses the first n samples).
         samples: samples per scene for mode frequencies and pixel marginals (the first ones).
-        min_pixels: non-ignored pixels each switchable class needs for a scene to
-            count in the mode frequencies.
+        min_pixels: non-ignored pixels each switchable class needs for a scene to be
+            complete (all five classes present).
+        mode_scenes: the scenes of the mode frequencies (:data:`MODE_SCENES`): ``all``
+            (the authors' rule) or ``complete``. The GED and the pixel marginals use every scene.
     """
 
     def __init__(
-        self, counts: Sequence[int] = DEFAULT_COUNTS, samples: int = DEFAULT_SAMPLES, min_pixels: int = 1
+        self,
+        counts: Sequence[int] = DEFAULT_COUNTS,
+        samples: int = DEFAULT_SAMPLES,
+        min_pixels: int = 1,
+        mode_scenes: str = "all",
     ) -> None:
         if not counts or min(counts) < 1 or samples < 1 or min_pixels < 1:
             raise ValueError(f"need counts >= 1, samples >= 1, min_pixels >= 1; got {counts}, {samples}, {min_pixels}")
+        if mode_scenes not in MODE_SCENES:
+            raise ValueError(f"mode_scenes must be one of {', '.join(MODE_SCENES)}, got {mode_scenes!r}")
         self.counts = tuple(sorted(set(int(c) for c in counts)))
         self.samples = int(samples)
         self.min_pixels = int(min_pixels)
+        self.mode_scenes = mode_scenes
         self.n_draw = max(max(self.counts), self.samples)
         self.ged: dict[int, list[torch.Tensor]] = {n: [] for n in self.counts}
         self.terms: dict[int, list[torch.Tensor]] = {n: [] for n in self.counts}
         self.mode_counts = np.zeros(NUM_MODES, np.int64)
-        self.eligible = 0
+        self.eligible = 0  # scenes counted in the mode frequencies
+        self.complete = 0  # scenes with all five switchable classes
         self.images = 0
         self.pixels = np.zeros((3, NUM_SWITCHES), np.float64)  # region * n, twin hits, original hits
 
@@ -323,10 +349,12 @@ class CalibrationAccumulator:
             self.ged[n].append(t.ged.cpu())
             self.terms[n].append(torch.stack([t.cross, t.samples, t.modes], 1).cpu())
         k = self.samples
-        eligible = (cnt.region >= self.min_pixels).all(dim=1).cpu()  # (B,)
+        complete = (cnt.region >= self.min_pixels).all(dim=1).cpu()  # (B,)
+        eligible = complete if self.mode_scenes == "complete" else torch.ones_like(complete)
         matched = nearest_modes(d_modes[:, :k]).cpu()[eligible]
         self.mode_counts += np.bincount(matched.flatten().numpy(), minlength=NUM_MODES)
         self.eligible += int(eligible.sum())
+        self.complete += int(complete.sum())
         self.images += samples.shape[0]
         self.pixels[0] += (cnt.region * k).sum(0).cpu().double().numpy()
         self.pixels[1] += cnt.hit_twin[:, :k].sum((0, 1)).cpu().double().numpy()
@@ -350,19 +378,35 @@ class CalibrationAccumulator:
             "images": self.images,
             "samples": self.samples,
             "ged": ged,
-            "modes": summarise_modes(self.mode_counts, self.eligible, self.min_pixels),
+            "modes": summarise_modes(self.mode_counts, self.eligible, self.min_pixels,
+                                     self.mode_scenes, self.complete),
             "pixels": summarise_pixels(self.pixels),
         }
 
 
-def summarise_modes(mode_counts: np.ndarray, eligible: int, min_pixels: int = 1) -> dict[str, Any]:
-    """Mode frequencies against the truth: per mode, Pearson r and mean absolute error."""
+def summarise_modes(
+    mode_counts: np.ndarray,
+    eligible: int,
+    min_pixels: int = 1,
+    rule: str = "all",
+    complete: int | None = None,
+) -> dict[str, Any]:
+    """Mode frequencies against the truth: per mode, Pearson r and mean absolute error.
+
+    Args:
+        mode_counts: (32,) samples matched to each mode.
+        eligible: scenes counted (``scenes``); rule: which ones (:data:`MODE_SCENES`).
+        min_pixels: pixels per class for a complete scene; complete: how many of all
+            the scenes seen were complete (None: not known).
+    """
     truth = mode_probabilities()
     total = int(mode_counts.sum())
     freq = mode_counts / total if total else np.full(NUM_MODES, np.nan)
     err = np.abs(freq - truth)
     return {
+        "rule": rule,
         "scenes": int(eligible),
+        "complete_scenes": None if complete is None else int(complete),
         "matched_samples": total,
         "min_pixels": min_pixels,
         "pearson_r": pearson(freq, truth) if total else float("nan"),

@@ -13,8 +13,9 @@ A conditional VAE whose latent enters at the U-Net's *input*:
 This is exactly the Prob. U-Net with all three Appendix D options set
 (``prior="fixed"``, ``posterior_context=False``, ``injection="early"``), so the
 class is :class:`~lidcseg.models.prob_unet.ProbUNet` with those options forced.
-The name ``i2i-vae`` also defaults to the paper's best setting, beta = 10 and a
-3-D latent: those defaults live in :data:`lidcseg.models.registry.MODEL_SPECS`
+The name ``i2i-vae`` also defaults to the paper's setting per task: beta = 10 and a
+3-D latent on LIDC, beta = 1 (N = 3) on the flip task (Appendix H.2); those defaults live
+in :data:`lidcseg.models.registry.MODEL_SPECS`
 and are applied by :func:`lidcseg.models.registry.model_config` (``lidcseg
 train --model i2i-vae``); an explicit ``--set beta=...`` still wins.
 

@@ -1,7 +1,8 @@
 """The report of ``lidcseg ambiguity`` (Appendix E, Table 1 and Fig. 12), written out.
 
 :func:`write_ambiguity` writes ``ambiguity.json`` (:func:`summary`),
-``ambiguity.md`` (the table of each run's threshold and test scores),
+``ambiguity.md`` (the table of each run's threshold, its validation score by the
+criterion that chose it, and its test scores),
 ``per_crop.csv`` (:data:`CSV_COLUMNS`: one row per run, split and crop) and
 ``histograms.png`` (samples showing a lesion per test crop, ambiguous vs
 unambiguous, one panel per run, as Fig. 12). It writes only into a new or empty
@@ -95,13 +96,19 @@ def summary(study: AmbiguityStudy) -> dict[str, Any]:
 
 
 def markdown_report(info: dict[str, Any]) -> str:
-    """``ambiguity.md``: the rule, the class balance and one table row per run (Table 1)."""
+    """``ambiguity.md``: the rule, the class balance and one table row per run (Table 1).
+
+    The validation column is the score the threshold was chosen by (``info["criterion"]``:
+    ``accuracy``, the paper's, or ``balanced accuracy``); the test columns give both.
+    """
     from lidcseg.reports.markdown import Markdown
     from lidcseg.reports.tables import fmt
 
     val, test = info["threshold_split"], info["test_split"]
     crops = info["crops"]
-    rows = [[r["label"], r["model"], r["threshold"], fmt(r["val_balanced_accuracy"]),
+    by_accuracy = info["criterion"] == "accuracy"
+    val_key, val_head = ("val_accuracy", "accuracy") if by_accuracy else ("val_balanced_accuracy", "bal. acc.")
+    rows = [[r["label"], r["model"], r["threshold"], fmt(r[val_key]),
              fmt(r["test"]["accuracy"]), fmt(r["test"]["balanced_accuracy"]),
              fmt(r["test"]["recall_ambiguous"]), fmt(r["test"]["recall_unambiguous"])]
             for r in info["runs"]]
@@ -112,7 +119,7 @@ def markdown_report(info: dict[str, Any]) -> str:
             f"`{val}`: {crops[val]['ambiguous']}/{crops[val]['total']} ambiguous, "
             f"`{test}`: {crops[test]['ambiguous']}/{crops[test]['total']} ambiguous."
         )
-        .table(["run", "model", "t", f"{val} bal. acc.", f"{test} accuracy",
+        .table(["run", "model", "t", f"{val} {val_head}", f"{test} accuracy",
                 f"{test} bal. acc.", "recall ambiguous", "recall unambiguous"], rows)
         .text()
     )

@@ -23,10 +23,11 @@ import numpy as np
 from lidcseg.data.eval_split import EvalSplit
 from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 
-#: Columns of ``per_image.csv``.
-CSV_COLUMNS: tuple[str, ...] = (
-    "run", "model", "image", "patient", "n", "ged", "diversity", "hm_iou", "cross", "grader_diversity",
-)
+#: Per-image metrics of ``per_image.csv`` (:data:`lidcseg.metrics.extra.METRIC_NAMES`).
+METRIC_COLUMNS: tuple[str, ...] = ("ged", "diversity", "hm_iou", "cross", "grader_diversity")
+#: Columns of ``per_image.csv``: ``run`` is the report's row, ``source`` the run that served n
+#: (they differ for the M-Heads row, one model per count).
+CSV_COLUMNS: tuple[str, ...] = ("run", "model", "source", "image", "patient", "n", *METRIC_COLUMNS)
 #: ``lidcseg evaluate``'s report folder: the marker, or a ``summary.json`` of this format.
 EVALUATION_OUTPUT = OutputKind("evaluate", noun="report folder",
                                legacy=has_format("summary.json", format="lidcseg-evaluation"))
@@ -37,7 +38,8 @@ class RunMetrics(Protocol):
 
     ``metrics[name]`` is (len(counts), N); ``examples[position]`` the
     (max(counts), T, T) bool samples of an example crop; ``sampling`` is
-    ``prefix`` or ``per-count``.
+    ``prefix``, ``per-count`` or ``model-per-count``; ``sources[n]`` says which run
+    served n and how (``run``, ``path``, ``checkpoint``, ``step``, ``heads``, ``uses``).
     """
 
     label: str
@@ -49,6 +51,7 @@ class RunMetrics(Protocol):
     sampling: str
     info: dict[str, Any]
     time_s: float
+    sources: dict[int, dict[str, Any]]
 
     def values(self, metric: str, n: int) -> np.ndarray: ...
 
@@ -68,14 +71,34 @@ class EvaluationResult(Protocol):
     def reference(self) -> str | None: ...
 
 
-def sampling_protocol(n_max: int) -> str:
+def sampling_protocol(n_max: int, m_heads: str = "matched") -> str:
     """How the samples of every count were drawn (``protocol.samples`` of the summary).
 
-    A run's ``sampling`` says which rule it followed: ``prefix`` (the first n of
-    one draw) or ``per-count`` (models whose ``samples_per_count`` is set).
+    A row's ``sampling`` says which rule it followed: ``prefix`` (the first n of
+    one draw), ``per-count`` (models whose ``samples_per_count`` is set) or
+    ``model-per-count`` (M-Heads, ``m_heads="matched"``: the run with n heads).
     """
+    heads = ("M-Heads (Section 3.2): the run with n heads for each n (n = 1 without a 1-head run: "
+             "the first head of the smallest)" if m_heads == "matched" else
+             "M-Heads: the first n heads of each run (--m-heads prefix, not the paper's protocol)")
     return (f"{n_max} samples drawn once per image, n uses the first n; models of fixed members "
-            "(samples_per_count, e.g. unet-ensemble): sample(x, n) for each n (n members)")
+            f"(samples_per_count, e.g. unet-ensemble): sample(x, n) for each n (n members); {heads}")
+
+
+def source_of(r: RunMetrics, n: int) -> dict[str, Any]:
+    """Which run served ``n`` in row ``r`` (``r.sources[n]``; the row's own run if not recorded)."""
+    return r.sources.get(n) or {"run": r.label, "path": r.path, "checkpoint": r.info.get("checkpoint"),
+                                "step": r.info.get("step"), "heads": None, "uses": r.sampling}
+
+
+def legend(r: RunMetrics) -> str:
+    """A row's label, with the run serving each n when several runs serve it (ged.png)."""
+    served = {n: source_of(r, n) for n in r.counts}
+    if len({s["run"] for s in served.values()}) < 2:
+        return r.label
+    return f"{r.label} (" + ", ".join(
+        f"n={n}: {s['run']}" + (" head 1" if s["uses"].startswith("head 1") else "")
+        for n, s in served.items()) + ")"
 
 
 def per_image_rows(evaluation: EvaluationResult) -> list[list[Any]]:
@@ -84,9 +107,10 @@ def per_image_rows(evaluation: EvaluationResult) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for r in evaluation.results:
         for j, n in enumerate(r.counts):
+            source = source_of(r, n)["run"]
             for i in range(len(split)):
-                rows.append([r.label, r.model, int(split.rows[i]), split.patient[i], n,
-                             *(float(r.metrics[k][j, i]) for k in CSV_COLUMNS[5:])])
+                rows.append([r.label, r.model, source, int(split.rows[i]), split.patient[i], n,
+                             *(float(r.metrics[k][j, i]) for k in METRIC_COLUMNS)])
     return rows
 
 
@@ -100,8 +124,9 @@ def summary(evaluation: EvaluationResult) -> dict[str, Any]:
         for j, n in enumerate(r.counts):
             per_n[str(n)] = {k: describe(v[j]) for k, v in r.metrics.items()}
         runs.append({
-            "label": r.label, "run": r.path, "model": r.model, "sampling": r.sampling,
+            "label": r.label, "run": r.path or None, "model": r.model, "sampling": r.sampling,
             "checkpoint": r.info.get("checkpoint"), "step": r.info.get("step"),
+            "served_by": {str(n): source_of(r, n) for n in r.counts},
             "time_s": round(r.time_s, 3), "metrics": per_n,
         })
     return {
@@ -115,7 +140,7 @@ def summary(evaluation: EvaluationResult) -> dict[str, Any]:
         "protocol": {
             "distance": "d = 1 - IoU of the foreground; d(empty, empty) = 0",
             "ged": _statistic(evaluation),
-            "samples": sampling_protocol(max(evaluation.counts)),
+            "samples": sampling_protocol(max(evaluation.counts), evaluation.settings.get("m_heads", "matched")),
             "hm_iou": "Hungarian matching, both sets replicated to lcm(n, graders)",
             "wilcoxon": "two-sided signed-rank test, paired per image, zero differences dropped",
         },
@@ -142,13 +167,13 @@ def markdown_report(evaluation: EvaluationResult, info: dict[str, Any] | None = 
     rows = []
     for run in info["runs"]:
         for n, m in run["metrics"].items():
-            g = m["ged"]
-            rows.append([run["label"], run["model"], n,
+            g, src = m["ged"], run.get("served_by", {}).get(n)
+            rows.append([run["label"], run["model"], n, f"{src['run']}: {src['uses']}" if src else "–",
                          f"{fmt(g['mean'])} ± {fmt(g['sd'])} [{fmt(g['median'])}]",
                          f"{fmt(m['diversity']['mean'])} ± {fmt(m['diversity']['sd'])}",
                          f"{fmt(m['hm_iou']['mean'])} ± {fmt(m['hm_iou']['sd'])}",
                          fmt(m["grader_diversity"]["mean"])])
-    doc.table(["run", "model", "n", "GED²", "diversity", "HM-IoU", "graders E[d(Y,Y′)]"], rows)
+    doc.table(["run", "model", "n", "samples from", "GED²", "diversity", "HM-IoU", "graders E[d(Y,Y′)]"], rows)
     if info["wilcoxon"]:
         doc.heading(f"Wilcoxon signed-rank tests against `{info['reference']}` (paired per image)")
         rows = [[t["other"], t["metric"], t["n"], fmt(t["mean_difference"]), fmt(t["median_difference"]),
@@ -174,7 +199,8 @@ def write_evaluation(
 
     out = Path(out)
     if inputs is None:
-        inputs = [evaluation.split.path.parent, *(r.path for r in evaluation.results)]
+        inputs = [evaluation.split.path.parent,
+                  *{source_of(r, n)["path"] for r in evaluation.results for n in r.counts}]
     open_output_folder(out, EVALUATION_OUTPUT, inputs=inputs)
     info = summary(evaluation)
     written = [out / "summary.json", out / "summary.md", out / "per_image.csv", out / "ged.png"]
@@ -182,7 +208,7 @@ def write_evaluation(
     write_bytes_atomic(written[1], markdown_report(evaluation, info).encode())
     write_csv(written[2], CSV_COLUMNS, per_image_rows(evaluation))
     plot_distributions(
-        {r.label: {n: r.values("ged", n) for n in r.counts} for r in evaluation.results},
+        {legend(r): {n: r.values("ged", n) for n in r.counts} for r in evaluation.results},
         written[3],
         title=f"GED² per image on {evaluation.split_name} ({len(evaluation.split)} images, "
               f"{_statistic(evaluation)})",

@@ -144,7 +144,8 @@ def _datasets(
     scenes = is_scene_data(data_dir)  # the flip task (Section 4.2): DATA/manifest.json says so
     if scenes:
         check_model_for_scenes(data_dir, model_cfg)
-        train_ds: Any = SceneTrainDataset(train_path, seed=cfg.seed, augment=cfg.augment)
+        train_ds: Any = SceneTrainDataset(train_path, seed=cfg.seed, augment=cfg.augment,
+                                          scheme=cfg.scene_augment)
         val_ds: Any = SceneEvalDataset(val_path, limit=cfg.val_max_crops)
     else:
         train_ds = CropTrainDataset(

@@ -7,9 +7,17 @@ make`` (:func:`make_scenes`), so one dataset trains and evaluates both.
 - :mod:`~lidcseg.data.scenes.store`: the split files and ``manifest.json`` (layout, checks);
 - :mod:`~lidcseg.data.scenes.dataset`: :class:`SceneTrainDataset` (a seeded stream with
   fresh flips) and :class:`SceneEvalDataset` (un-flipped labels);
+- :mod:`~lidcseg.data.scenes.augment`: the training augmentation of Appendix H.2
+  (:func:`draw_augmentation`, then :func:`augment_scene`);
 - :mod:`~lidcseg.data.scenes.synthetic`: :func:`make_scene`, :func:`make_scenes`.
 """
 
+from lidcseg.data.scenes.augment import (
+    SceneAugmentation,
+    SceneAugmentParams,
+    augment_scene,
+    draw_augmentation,
+)
 from lidcseg.data.scenes.dataset import SceneEvalDataset, SceneTrainDataset, normalize_rgb
 from lidcseg.data.scenes.store import (
     FORMAT_NAME,
@@ -45,13 +53,17 @@ __all__ = [
     "SCENE_NOISE",
     "SPLITS",
     "TASK",
+    "SceneAugmentParams",
+    "SceneAugmentation",
     "SceneEvalDataset",
     "SceneStore",
     "SceneTrainDataset",
     "SceneWriter",
     "check_model_for_scenes",
+    "augment_scene",
     "check_out_dir",
     "finish_manifest",
+    "draw_augmentation",
     "is_scene_data",
     "make_scene",
     "make_scenes",

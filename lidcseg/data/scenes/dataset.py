@@ -19,6 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lidcseg.config import SCENE_AUGMENTS
+from lidcseg.data.scenes.augment import (
+    AUGMENT_STREAM,
+    SceneAugmentation,
+    SceneAugmentParams,
+    augment_scene,
+    draw_augmentation,
+)
 from lidcseg.data.scenes.store import TASK, SceneStore
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import (
@@ -55,8 +63,11 @@ class SceneTrainDataset(Dataset):
     ``dataset[k]`` (k >= 0, unbounded) is a pure function of ``(seed, k)``:
     epoch ``k // N`` visits the N scenes in the permutation of
     ``SeedSequence([seed, 0, epoch])``; the flips come from
-    :func:`lidcseg.flips.step_flips` and the mirror decision from
-    ``SeedSequence([seed, 1, k])``. ``len(dataset)`` is N.
+    :func:`lidcseg.flips.step_flips`, the mirror decision from
+    ``SeedSequence([seed, 1, k])`` and the paper's augmentation (Appendix H.2,
+    :mod:`lidcseg.data.scenes.augment`) from ``SeedSequence([seed, 3, k])``. The
+    label is flipped before the warp, so the flipped classes cover exactly the
+    warped regions of their originals. ``len(dataset)`` is N.
 
     Each sample is a dict:
 
@@ -67,8 +78,13 @@ class SceneTrainDataset(Dataset):
 
     Args:
         path: a split file.
-        seed: seed of the order, flips and mirroring.
-        augment: mirror left-right with probability 1/2 (a street scene stays one).
+        seed: seed of the order, flips and augmentation.
+        augment: augment the training scenes (False: the stored scene, only flipped).
+        scheme: what ``augment`` does (:data:`lidcseg.config.SCENE_AUGMENTS`): ``paper``
+            (Appendix H.2: elastic, rotation, shear, scale, translation, colour),
+            ``paper+mirror`` (also mirrored left-right with probability 1/2, as the
+            authors' code does) or ``mirror`` (that mirroring only, the stream before #13).
+        params: the augmentation's magnitudes; default :class:`SceneAugmentParams`.
         flip_probs: (5,) flip probabilities; default the paper's 8/17 ... 4/17.
     """
 
@@ -78,13 +94,19 @@ class SceneTrainDataset(Dataset):
         *,
         seed: int = 0,
         augment: bool = True,
+        scheme: str = "paper",
+        params: SceneAugmentParams | None = None,
         flip_probs: np.ndarray | None = None,
     ) -> None:
+        if scheme not in SCENE_AUGMENTS:
+            raise LidcsegError(f"unknown scene augmentation {scheme!r}; valid: {', '.join(SCENE_AUGMENTS)}")
         self.store = SceneStore(path)
         if len(self.store) == 0:
             raise LidcsegError("split has no scenes", path)
         self.seed = int(seed)
         self.augment = bool(augment)
+        self.scheme = scheme
+        self.params = params or SceneAugmentParams()
         self.flip_probs = FLIP_PROBS if flip_probs is None else np.asarray(flip_probs, dtype=float)
         self.num_classes = NUM_CLASSES
         self.height, self.width = self.store.height, self.store.width
@@ -98,25 +120,32 @@ class SceneTrainDataset(Dataset):
                 "height": self.height, "width": self.width, "num_classes": self.num_classes,
                 "flip_probs": [float(p) for p in self.flip_probs]}
 
-    def draw(self, k: int) -> tuple[int, np.ndarray, bool]:
-        """``(scene index, flips (5,) bool, mirror)`` of stream position ``k``."""
+    def draw(self, k: int) -> tuple[int, np.ndarray, SceneAugmentation | None]:
+        """``(scene index, flips (5,) bool, augmentation or None)`` of stream position ``k``."""
         if k < 0:
             raise IndexError(k)
         n = len(self.store)
         epoch, pos = divmod(int(k), n)
         index = int(_permutation(self.seed, epoch, n)[pos])
-        mirror = self.augment and bool(np.random.default_rng([self.seed, 1, int(k)]).random() < 0.5)
-        return index, step_flips(self.seed, int(k), self.flip_probs), mirror
+        flips = step_flips(self.seed, int(k), self.flip_probs)
+        if not self.augment:
+            return index, flips, None
+        mirror = self.scheme != "paper" and bool(np.random.default_rng([self.seed, 1, int(k)]).random() < 0.5)
+        if self.scheme == "mirror":
+            return index, flips, SceneAugmentation(mirror=mirror)
+        rng = np.random.default_rng([self.seed, AUGMENT_STREAM, int(k)])
+        return index, flips, draw_augmentation(rng, self.height, self.width, self.params, mirror=mirror)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        index, flips, mirror = self.draw(k)
+        index, flips, aug = self.draw(k)
         image, label = self.store[index]
-        label = apply_flips(label, flips)
-        if mirror:
-            image, label = image[..., ::-1], label[..., ::-1]
+        label = apply_flips(label, flips)  # before the warp: both commute (nearest neighbour)
+        if aug is None:
+            x = normalize_rgb(image)
+        else:
+            x, label = augment_scene(image, label, aug)
         y, ignore = _target(label)
-        return {"image": normalize_rgb(np.ascontiguousarray(image)), "mask": y, "ignore": ignore,
-                "index": index, "mode": int(flips_to_mode(flips))}
+        return {"image": x, "mask": y, "ignore": ignore, "index": index, "mode": int(flips_to_mode(flips))}
 
 
 class SceneEvalDataset(Dataset):

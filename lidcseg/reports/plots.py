@@ -14,6 +14,7 @@ written atomically as PNG.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,9 @@ def plot_distributions(
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(facecolor=colors[i], alpha=0.55, edgecolor=colors[i], label=lab)
+    # Long labels (a row served by several runs names them all) wrap, so the plot keeps its width.
+    handles = [Patch(facecolor=colors[i], alpha=0.55, edgecolor=colors[i],
+                     label=textwrap.fill(lab, 34, break_on_hyphens=False))
                for i, lab in enumerate(labels)]
     handles.append(ax.scatter([], [], marker="D", s=22, color="white", edgecolor="black", label="mean"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),

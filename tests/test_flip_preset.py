@@ -1,0 +1,50 @@
+"""The quick flip-task preset ``scenes-quick`` (Section 4.2 on the synthetic scenes, issue #13)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lidcseg.config import PRESETS, TrainConfig, override, preset
+
+
+def test_scenes_quick_trains_on_the_stored_scenes_without_weight_decay() -> None:
+    """No augmentation (the paper never mirrors; mirroring delayed the flips) and no weight decay.
+
+    Measured (README, calibration): with mirroring, seeds 1 and 2 left one flip unlearned
+    after 6000 steps; on the stored scenes seed 1 encodes all five by step 5000.
+    """
+    _, train = PRESETS["scenes-quick"]
+    assert train.augment is False
+    assert train.weight_decay == 0.0
+    assert preset("cpu-quick", task="flip-scenes") == PRESETS["scenes-quick"]
+    # Within `make flip-demo`'s budget (about 15 minutes per model on 2 cores): 6000 steps of
+    # 8 scenes, one torch thread (8000 steps measured no better on seeds 0 and 1).
+    assert (train.steps, train.batch_size, train.threads) == (6000, 8, 1)
+    assert (train.lr, train.lr_final, train.lr_decay_steps) == (1e-3, 1e-4, 2)
+
+
+def test_paper_presets_stay_literal() -> None:
+    """The change is the quick preset's: the paper's settings keep augmentation and weight decay 1e-5."""
+    for name in ("paper", "cityscapes"):
+        _, train = PRESETS[name]
+        assert train.augment is True and train.weight_decay == TrainConfig().weight_decay == 1e-5
+        assert train.kl_free_bits == 0.0 and train.beta_warmup_steps == 0
+
+
+def test_scenes_quick_two_steps(tmp_path: Path) -> None:
+    """The preset's own model and optimiser settings train (2 steps) and are what the run records."""
+    from lidcseg.data.scenes import make_scenes
+    from lidcseg.training import train
+
+    data = tmp_path / "scenes"
+    make_scenes(data, n_train=4, n_val=2, n_test=2, height=32, width=64, seed=0)
+    model_cfg, train_cfg = PRESETS["scenes-quick"]
+    train_cfg = override(train_cfg, {"steps": 2, "batch_size": 2, "val_every": 2, "val_samples": 2,
+                                     "val_max_crops": 2, "checkpoint_every": 2, "log_every": 1})
+    run = train(data, model_cfg, train_cfg, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["augment"] is False and config["train"]["weight_decay"] == 0.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert all(r["loss"] == r["loss"] for r in rows if r["split"] == "train")  # finite, not NaN

@@ -15,13 +15,10 @@ module never imports the experiment: the experiment calls the writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-
-from lidcseg.data.eval_split import EvalSplit
 from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 
 #: Columns of ``per_crop.csv``.
@@ -33,42 +30,10 @@ AMBIGUITY_OUTPUT = OutputKind("ambiguity", noun="report folder",
                               legacy=has_format("ambiguity.json", format="lidcseg-ambiguity"))
 
 
-class Threshold(Protocol):
-    """The chosen rule ``count < threshold`` and its validation scores."""
-
-    threshold: int
-    accuracy: float
-    balanced_accuracy: float
-
-
-class RunAmbiguity(Protocol):
-    """One run (:class:`lidcseg.ambiguity.AmbiguityResult`): per split (N,) ``counts`` and ``predicted``."""
-
-    label: str
-    path: str
-    model: str
-    choice: Threshold
-    counts: dict[str, np.ndarray]
-    predicted: dict[str, np.ndarray]
-    test: dict[str, float]
-
-
-class AmbiguityStudy(Protocol):
-    """What ``lidcseg ambiguity`` computed (:class:`lidcseg.ambiguity.Ambiguity`).
-
-    ``truth`` (N,) bool and ``marking`` (N,) int per split name.
-    """
-
-    splits: dict[str, EvalSplit]
-    truth: dict[str, np.ndarray]
-    marking: dict[str, np.ndarray]
-    results: Sequence[RunAmbiguity]
-    val_split: str
-    test_split: str
-    n: int
-    min_pixels: int
-    criterion: str
-    seed: int
+# What ``lidcseg ambiguity`` computed, :class:`lidcseg.ambiguity.Ambiguity` with its
+# :class:`lidcseg.ambiguity.AmbiguityResult` runs. The writers read those records' fields; they are
+# named here, not imported, because reports never import the experiments that call them.
+AmbiguityStudy = Any
 
 
 def summary(study: AmbiguityStudy) -> dict[str, Any]:

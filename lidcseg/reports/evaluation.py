@@ -14,13 +14,12 @@ this module never imports the experiment: the experiment calls the writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from lidcseg.data.eval_split import EvalSplit
 from lidcseg.io.outputs import OutputKind, has_format, open_output_folder
 
 #: Per-image metrics of ``per_image.csv`` (:data:`lidcseg.metrics.extra.METRIC_NAMES`).
@@ -33,42 +32,11 @@ EVALUATION_OUTPUT = OutputKind("evaluate", noun="report folder",
                                legacy=has_format("summary.json", format="lidcseg-evaluation"))
 
 
-class RunMetrics(Protocol):
-    """One run's per-image metrics (:class:`lidcseg.evaluation.RunResult`).
-
-    ``metrics[name]`` is (len(counts), N); ``examples[position]`` the
-    (max(counts), T, T) bool samples of an example crop; ``sampling`` is
-    ``prefix``, ``per-count`` or ``model-per-count``; ``sources[n]`` says which run
-    served n and how (``run``, ``path``, ``checkpoint``, ``step``, ``heads``, ``uses``).
-    """
-
-    label: str
-    path: str
-    model: str
-    counts: tuple[int, ...]
-    metrics: dict[str, np.ndarray]
-    examples: dict[int, np.ndarray]
-    sampling: str
-    info: dict[str, Any]
-    time_s: float
-    sources: dict[int, dict[str, Any]]
-
-    def values(self, metric: str, n: int) -> np.ndarray: ...
-
-
-class EvaluationResult(Protocol):
-    """What ``lidcseg evaluate`` computed (:class:`lidcseg.evaluation.Evaluation`)."""
-
-    split: EvalSplit
-    split_name: str
-    counts: tuple[int, ...]
-    results: Sequence[RunMetrics]
-    examples: list[int]
-    comparisons: list[dict[str, Any]]
-    settings: dict[str, Any]
-
-    @property
-    def reference(self) -> str | None: ...
+# What ``lidcseg evaluate`` computed, :class:`lidcseg.evaluation.Evaluation` and one row of it,
+# :class:`lidcseg.evaluation.RunResult`. The writers read those records' fields; they are named
+# here, not imported, because reports never import the experiments that call them.
+EvaluationResult = Any
+RunMetrics = Any
 
 
 def sampling_protocol(n_max: int, m_heads: str = "matched") -> str:

@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lidcseg.config import preset
 from lidcseg.io.atomic import write_json_atomic
+from lidcseg.presets import preset
 
 
 def lidcseg(*args: str) -> list[str]:

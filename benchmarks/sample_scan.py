@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from lidcseg.config import preset, to_dict
+from lidcseg.config import to_dict
 from lidcseg.io.atomic import write_json_atomic
 from lidcseg.lidc.phantom import make_phantom
 from lidcseg.models.checkpoint import save_checkpoint
 from lidcseg.models.registry import create_model
+from lidcseg.presets import preset
 from lidcseg.sampling import sample_scan
 from lidcseg.seed import seed_everything
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lidcseg.config import preset
 from lidcseg.models.registry import create_model
+from lidcseg.presets import preset
 from lidcseg.training import objective
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from lidcseg.config import MODEL_SUMMARIES, PRESET_SUMMARIES, TASK_PRESET_NAMES
+from lidcseg.config import MODEL_SUMMARIES
+from lidcseg.presets import PRESET_SUMMARIES, TASK_PRESET_NAMES
 from lidcseg_cli._common import console, one_line_errors, progress_bar
 
 
@@ -63,11 +64,11 @@ def train(
     name's own defaults on the data's task (LIDC crops or flip scenes), --config, then
     --set, --steps and --device.
     """
-    from lidcseg.config import compose
     from lidcseg.data.scenes import TASK, is_scene_data
     from lidcseg.errors import LidcsegError
     from lidcseg.io.outputs import check_output_folder
     from lidcseg.models.registry import model_config
+    from lidcseg.presets import compose
     from lidcseg.training import TrainEvent, load_run_config
     from lidcseg.training import train as run
     from lidcseg.training.run_state import RUN_OUTPUT

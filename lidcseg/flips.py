@@ -30,7 +30,7 @@ stream position ``k`` are a pure function of ``(seed, k)``
 (:func:`step_flips`), so a run is reproducible and resumable without state.
 
 The presets for training on the task (``cityscapes``, ``scenes-quick``) are
-in :data:`lidcseg.config.PRESETS` with the others.
+in :data:`lidcseg.presets.PRESETS` with the others.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def test_help_everywhere(path: list[str]) -> None:
 
 
 def test_train_help_lists_every_model_and_preset() -> None:
-    from lidcseg.config import PRESETS
     from lidcseg.models.registry import MODEL_SPECS
+    from lidcseg.presets import PRESETS
 
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lidcseg.config import (
-    MODEL_SUMMARIES,
-    PRESET_SUMMARIES,
-    PRESETS,
-    TASKS,
-    ModelConfig,
-    TrainConfig,
-    compose,
-)
+from lidcseg.config import MODEL_SUMMARIES, ModelConfig, TrainConfig
+from lidcseg.presets import PRESET_SUMMARIES, PRESETS, TASKS, compose
 from lidcseg.errors import LidcsegError
 from lidcseg.models.registry import MODEL_NAMES, MODEL_SPECS, model_config
 

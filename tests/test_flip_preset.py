@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lidcseg.config import PRESETS, TrainConfig, override, preset
+from lidcseg.config import TrainConfig
+from lidcseg.presets import PRESETS, override, preset
 
 
 def test_scenes_quick_trains_on_the_stored_scenes_without_weight_decay() -> None:

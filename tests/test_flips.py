@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from lidcseg.config import PRESETS, preset
 from lidcseg.flips import (
     CLASS_NAMES,
     EVAL_CLASSES,
@@ -26,6 +25,7 @@ from lidcseg.flips import (
     mode_probabilities,
     step_flips,
 )
+from lidcseg.presets import PRESETS, preset
 
 
 def _within_binomial(freq: np.ndarray, p: np.ndarray, n: int, sigmas: float = 4.0) -> bool:

@@ -207,8 +207,8 @@ def test_cli_cpu_quick_on_scenes_means_scenes_quick(tmp_path) -> None:
     """`--preset cpu-quick` on flip scenes trains the 24-class RGB model of `scenes-quick`."""
     import json
 
-    from lidcseg.config import PRESETS
     from lidcseg.data.scenes import make_scenes
+    from lidcseg.presets import PRESETS
 
     data = tmp_path / "scenes"
     make_scenes(data, n_train=4, n_val=2, n_test=2, height=32, width=64, seed=0)

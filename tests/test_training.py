@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lidcseg.config import ModelConfig, TrainConfig, apply_overrides, preset
+from lidcseg.config import ModelConfig, TrainConfig
 from lidcseg.errors import LidcsegError
+from lidcseg.presets import apply_overrides, preset
 from lidcseg.training import (
     TrainEvent,
     beta_at,
@@ -341,8 +342,8 @@ def test_cli_module_imports_no_torch() -> None:
 
 
 def test_config_file_and_interrupted_swap_recovery(tmp_path: Path) -> None:
-    from lidcseg.config import apply_config_file
     from lidcseg.io.atomic import atomic_dir, recover_dir
+    from lidcseg.presets import apply_config_file
 
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": {"latent_dim": 3}, "train": {"lr": 0.01}}))

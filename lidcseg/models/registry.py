@@ -47,8 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lidcseg.config import MODEL_SUMMARIES, TASKS, ModelConfig
+from lidcseg.config import MODEL_SUMMARIES, ModelConfig
 from lidcseg.errors import LidcsegError
+from lidcseg.presets import TASKS
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ModelSpec:
         target: ``"module:Class"`` of the model.
         summary: one line: what the model is, with the paper's figure.
         implies: ModelConfig fields the name fixes (applied by :func:`create_model`).
-        defaults: per task (a key of :data:`lidcseg.config.TASKS`), the ModelConfig
+        defaults: per task (a key of :data:`lidcseg.presets.TASKS`), the ModelConfig
             fields the name changes by default there (applied by :func:`model_config`;
             a later override wins); a task not listed gets none.
     """
@@ -220,7 +221,7 @@ def model_config(
     Args:
         name: a key of :data:`MODEL_SPECS`.
         base: the config to start from (a preset's model).
-        task: a key of :data:`lidcseg.config.TASKS`; picks the name's defaults.
+        task: a key of :data:`lidcseg.presets.TASKS`; picks the name's defaults.
         overrides: ModelConfig fields set last.
 
     Raises:

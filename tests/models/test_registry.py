@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from lidcseg.config import TASKS, ModelConfig
+from lidcseg.config import ModelConfig
 from lidcseg.errors import LidcsegError
 from lidcseg.models import (
     MODEL_NAMES,
@@ -16,6 +16,7 @@ from lidcseg.models import (
     model_config,
     resolve_config,
 )
+from lidcseg.presets import TASKS
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -21,6 +21,13 @@ def prepare(
     split: str = typer.Option(
         "722,144,144", "--split", help="Patients in train,val,test for all 1010 patients; proportional when fewer."
     ),
+    cluster_cache: Path = typer.Option(
+        None, "--cluster-cache",
+        help="Folder caching pylidc's lesion clusters between runs (default: $XDG_CACHE_HOME/lidcseg/clusters, ~/.cache when unset).",
+    ),
+    no_cluster_cache: bool = typer.Option(
+        False, "--no-cluster-cache", help="Cluster every scan afresh (the crops are the same)."
+    ),
 ) -> None:
     """Cut 180x180 crops at 0.5 mm around every lesion, 4 grader masks each, split by patient.
 
@@ -48,6 +55,7 @@ def prepare(
         manifest = run(
             lidc_root, out, cfg, patients=parse_csv(patients), workers=workers, strict=strict,
             overwrite=overwrite, on_scan=on_scan,
+            cluster_cache=False if no_cluster_cache else (cluster_cache or True),
         )
     report_cleanup(manifest)
     c = manifest["counts"]

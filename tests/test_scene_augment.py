@@ -187,7 +187,7 @@ def test_mirror_schemes_keep_the_old_mirror_stream(scenes: Path) -> None:
 
 
 def test_train_config_switch(scenes: Path) -> None:
-    from lidcseg.training.loop import _datasets
+    from lidcseg.training.loop import training_datasets
 
     assert TrainConfig().scene_augment == "paper"
     with pytest.raises(LidcsegError, match="scene_augment"):
@@ -196,7 +196,7 @@ def test_train_config_switch(scenes: Path) -> None:
         SceneTrainDataset(split_path(scenes, "train"), scheme="flip")
     model = ModelConfig(in_channels=3, num_classes=24)
     for cfg in (TrainConfig(scene_augment="mirror"), TrainConfig(augment=False)):
-        ds = _datasets(scenes, split_path(scenes, "train"), split_path(scenes, "val"), model, cfg)[0]
+        ds = training_datasets(scenes, split_path(scenes, "train"), split_path(scenes, "val"), model, cfg)[0]
         assert (ds.augment, ds.scheme) == (cfg.augment, cfg.scene_augment)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -206,26 +207,35 @@ def test_resume_refuses_other_config_and_missing_checkpoint(disc_data: Path, tmp
               resume=True)
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(
-    disc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def poison_loss_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[int]:
+    """The model built next returns a NaN ``rec`` from its ``step``-th loss call on.
+
+    Returns the one-element list that counts its loss calls.
+    """
     from lidcseg.models import registry
 
-    real = registry.create_model
+    real, calls = registry.create_model, [0]
 
-    def poisoned(cfg: ModelConfig):  # the loss turns NaN at the 5th step
+    def poisoned(cfg: ModelConfig):
         model = real(cfg)
-        loss, calls = model.loss, [0]
+        loss = model.loss
 
         def nan_loss(x, y, ignore=None):
             out = loss(x, y, ignore)
             calls[0] += 1
-            return {**out, "rec": out["rec"] * float("nan")} if calls[0] >= 5 else out
+            return {**out, "rec": out["rec"] * float("nan")} if calls[0] >= step else out
 
         model.loss = nan_loss
         return model
 
     monkeypatch.setattr(registry, "create_model", poisoned)
+    return calls
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(
+    disc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison_loss_at(monkeypatch, 5)
     run = tmp_path / "nan"
     with pytest.raises(LidcsegError, match=r"non-finite loss at step 5; last good checkpoint kept at .*last"):
         train(disc_data, TINY_MODEL, TINY_TRAIN, run)
@@ -362,3 +372,26 @@ def test_config_file_and_interrupted_swap_recovery(tmp_path: Path) -> None:
     os.rename(run / "last", run / ".last.old")  # killed between the two renames
     recover_dir(run / "last")
     assert (run / "last" / "a").read_text() == "2"
+
+
+def test_device_augmentation_trains_reproducibly(disc_data: Path, tmp_path: Path) -> None:
+    """``augment_on=device``: the loop augments whole crops batched on the device; seeded."""
+    from lidcseg.data.device_augment import DeviceAugment
+    from lidcseg.training.loop import device_augment_for, training_datasets
+    from lidcseg.training.run_state import check_data
+
+    _, cfg = apply_overrides(TINY_MODEL, TINY_TRAIN, ["augment_on=device", "steps=3", "val_every=0"])
+    ds = training_datasets(disc_data, *check_data(disc_data), TINY_MODEL, cfg)[0]
+    assert isinstance(device_augment_for(ds), DeviceAugment)
+    assert {"crop", "crop_mask", "aug_seed"} <= set(ds[0])  # workers only slice and normalise
+    loader_cfg = apply_overrides(TINY_MODEL, cfg, ["augment_on=loader"])[1]
+    assert device_augment_for(training_datasets(disc_data, *check_data(disc_data), TINY_MODEL,
+                                                loader_cfg)[0]) is None
+    a = train(disc_data, TINY_MODEL, cfg, tmp_path / "a")
+    b = train(disc_data, TINY_MODEL, cfg, tmp_path / "b")
+    c = train(disc_data, TINY_MODEL, loader_cfg, tmp_path / "c")
+    rows = _train_rows(a)
+    assert rows == _train_rows(b) and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows != _train_rows(c)  # other tiles than the loader path's draws
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

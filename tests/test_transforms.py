@@ -11,6 +11,7 @@ from lidcseg.data.transforms import (
     apply_transform,
     eval_transform,
     normalize_hu,
+    tile_context,
     train_transform,
 )
 
@@ -66,3 +67,12 @@ def test_eval_transform_is_centre_crop() -> None:
 def test_input_larger_than_crop_is_refused() -> None:
     with pytest.raises(ValueError):
         train_transform(200, 180)
+
+
+def test_tile_context() -> None:
+    # The resampled centre region: T + 2 * max_shift, capped at the crop.
+    assert tile_context(128, 180, AugmentParams()) == 180  # 128 + 52
+    assert tile_context(64, 180, AugmentParams(max_shift=20)) == 104
+    assert tile_context(64, 180, AugmentParams(max_shift=-3)) == 64
+    with pytest.raises(ValueError):
+        tile_context(200, 180, AugmentParams())

@@ -15,6 +15,11 @@ and :class:`StreamSampler` shards the same stream over DDP ranks the way
 ``DistributedSampler`` does (rank r takes positions r, r + W, ...), but can
 start mid-epoch.
 
+With ``augment_on="device"`` the workers only read, normalise and draw: a sample
+carries the whole crop, the drawn grader's whole mask and the augmentation seed,
+and :class:`lidcseg.data.device_augment.DeviceAugment` augments the batch on the
+training device (the same distribution of transforms, batched).
+
 Validation and test use :class:`CropEvalDataset`: the centre tile, no
 augmentation, all G grader masks (for the GED, Eq. 5).
 """
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lidcseg.data.device_augment import CROP_KEYS
 from lidcseg.data.store import CropStore
 from lidcseg.data.transforms import (
     AugmentParams,
@@ -43,6 +49,11 @@ from lidcseg.errors import LidcsegError
 #: empty ones included (the paper); ``real`` only among the crop's real graders.
 GRADER_DRAWS: tuple[str, ...] = ("all", "real")
 
+#: Values of ``augment_on`` (``TrainConfig.augment_on``): ``loader`` augments each tile in
+#: the DataLoader workers (MONAI); ``device`` leaves it to
+#: :class:`~lidcseg.data.device_augment.DeviceAugment` on the training device.
+AUGMENT_ON: tuple[str, ...] = ("loader", "device")
+
 
 class CropTrainDataset(Dataset):
     """The endless, seeded stream of augmented training samples.
@@ -56,6 +67,16 @@ class CropTrainDataset(Dataset):
     - ``mask``: (T, T) int64 labels {0, 1} of ONE randomly drawn grader (empty masks included);
     - ``index``: the crop's row in the file; ``grader``: the drawn grader.
 
+    With ``augment`` and ``augment_on="device"``, ``image`` and ``mask`` are replaced by
+    (:data:`~lidcseg.data.device_augment.CROP_KEYS`):
+
+    - ``crop``: (1, S, S) float32, the whole normalised crop;
+    - ``crop_mask``: (S, S) uint8 {0, 1}, the drawn grader's whole mask;
+    - ``aug_seed``: the augmentation seed (int, < 2**32), as in :meth:`draw`;
+
+    and :meth:`lidcseg.data.device_augment.DeviceAugment.augment_batch` turns a collated
+    batch into ``image``/``mask`` on the device. ``index`` and ``grader`` are the same.
+
     Args:
         path: a split file written by :func:`lidcseg.data.store.write_crops`.
         input_size: T, side of the training tile (paper: 128).
@@ -63,6 +84,13 @@ class CropTrainDataset(Dataset):
         augment: random augmentation; if False, the centre tile is used.
         grader_draw: ``"all"`` (paper) or ``"real"`` (see :data:`GRADER_DRAWS`).
         augment_params: magnitudes; defaults to :class:`AugmentParams`.
+        augment_on: ``"loader"`` (augment here) or ``"device"`` (see above); without
+            ``augment`` both give the centre tile.
+
+    Attributes:
+        augments_on_device: True when samples carry :data:`CROP_KEYS` (``augment`` and
+            ``augment_on="device"``): the training loop must apply ``DeviceAugment``.
+        augment_params: the magnitudes in use.
     """
 
     def __init__(
@@ -74,7 +102,10 @@ class CropTrainDataset(Dataset):
         augment: bool = True,
         grader_draw: str = "all",
         augment_params: AugmentParams | None = None,
+        augment_on: str = "loader",
     ) -> None:
+        if augment_on not in AUGMENT_ON:
+            raise LidcsegError(f"unknown augment_on {augment_on!r}; valid: {', '.join(AUGMENT_ON)}")
         if grader_draw not in GRADER_DRAWS:
             raise LidcsegError(
                 f"unknown grader_draw {grader_draw!r}; valid: {', '.join(GRADER_DRAWS)}"
@@ -90,8 +121,10 @@ class CropTrainDataset(Dataset):
         self.seed = int(seed)
         self.grader_draw = grader_draw
         self.n_graders = self.store.n_graders
+        self.augment_params = augment_params or AugmentParams()
+        self.augments_on_device = bool(augment) and augment_on == "device"
         self.transform = (
-            train_transform(input_size, self.store.crop_size, augment_params)
+            train_transform(input_size, self.store.crop_size, self.augment_params)
             if augment
             else eval_transform(input_size)
         )
@@ -122,6 +155,10 @@ class CropTrainDataset(Dataset):
         image, masks = self.store[index]
         img = normalize_hu(image)[None]  # (1, S, S)
         msk = torch.from_numpy(np.ascontiguousarray(masks[grader : grader + 1]))  # (1, S, S)
+        if self.augments_on_device:
+            crop, crop_mask, seed_key = CROP_KEYS
+            return {crop: img, crop_mask: msk[0].to(torch.uint8), seed_key: aug_seed,
+                    "index": index, "grader": grader}
         img, msk = apply_transform(self.transform, img, msk, aug_seed)
         return {"image": img, "mask": msk[0].to(torch.int64), "index": index, "grader": grader}
 

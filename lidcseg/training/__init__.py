@@ -10,6 +10,8 @@ The package, in reading order:
 
 * :mod:`~lidcseg.training.loop` - :func:`train`, the step loop, :class:`TrainEvent`;
 * :mod:`~lidcseg.training.schedule` - learning rate, beta and the objective;
+* :mod:`~lidcseg.training.stats` - the step's numbers kept on the device, read back (and
+  checked finite) at sync points, not every step;
 * :mod:`~lidcseg.training.run_state` - the run directory, ``metrics.jsonl``,
   checkpoints and the training state that resume restores;
 * :mod:`~lidcseg.training.validation` - GED on the validation split (LIDC, flip task);

@@ -5,6 +5,12 @@ autocast), the objective of the step (:func:`lidcseg.training.schedule.objective
 the trainer owns beta), backward, Adam. Every ``log_every`` steps the means of
 the numbers go to ``metrics.jsonl``; validation, ``best/`` and ``last/`` follow
 their own cadences (:mod:`lidcseg.training.run_state`).
+
+On CUDA the step's numbers stay on the device until the next sync point (a log
+step, validation, a checkpoint, the end; :mod:`lidcseg.training.stats`), so the
+host queues steps ahead of the GPU; a batch crosses to the device in one place,
+:func:`batch_to_device`. Adam is fused on CUDA and cuDNN picks its fastest
+convolutions (``cudnn.benchmark``) unless ``deterministic``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from lidcseg.config import ModelConfig, TrainConfig
+from lidcseg.data.device_augment import DeviceAugment
 from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import NoSpaceError, atomic_dir, recover_dir, write_json_atomic
 from lidcseg.io.outputs import claim_output
@@ -41,7 +48,8 @@ from lidcseg.training.run_state import (
     save_state,
     truncate_metrics,
 )
-from lidcseg.training.schedule import beta_at, elbo, lr_at, objective
+from lidcseg.training.schedule import beta_at, lr_at, objective
+from lidcseg.training.stats import MAX_UNCHECKED_STEPS, StatsWindow, defer_sync, step_vector
 from lidcseg.training.validation import load_val, validate
 
 
@@ -55,8 +63,10 @@ class TrainEvent:
             ``done`` (``path`` = run directory).
         step: optimizer steps completed.
         steps: total steps of the run.
-        metrics: numbers of this event (``loss``, ``rec``, ``kl``, ``lr``, ``it_s``
-            for ``step``; ``ged``, ``diversity`` for ``val``).
+        metrics: numbers of this event (``loss``, ``elbo``, ``rec``, ``kl``, ``lr``, ``it_s``
+            for ``step``; ``ged``, ``diversity`` for ``val``). On CUDA a ``step`` event
+            carries the loss terms of the last step read back at a sync point (none
+            before the first; :mod:`lidcseg.training.stats`), on the CPU its own.
         path: the file or folder concerned, if any.
     """
 
@@ -105,6 +115,7 @@ def train(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     if train_cfg.threads > 0:
         torch.set_num_threads(train_cfg.threads)
     dist = init_distributed(train_cfg)
@@ -117,6 +128,7 @@ def train(
             torch.distributed.destroy_process_group()
         torch.set_num_threads(threads)  # process-wide settings go back as they were
         torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def _no_space_hint(out_dir: Path) -> str:
@@ -128,10 +140,16 @@ def _no_space_hint(out_dir: Path) -> str:
     return f"last/ keeps step {step}: free some space and continue with --resume"
 
 
-def _datasets(
+def training_datasets(
     data_dir: Path, train_path: Path, val_path: Path, model_cfg: ModelConfig, cfg: TrainConfig
 ) -> tuple[Any, Any, bool]:
-    """``(train dataset, val dataset, scenes)``: LIDC crops, or the flip task's scenes."""
+    """``(train dataset, val dataset, scenes)``: LIDC crops, or the flip task's scenes.
+
+    ``train_path``, ``val_path``: from :func:`~lidcseg.training.run_state.check_data`.
+
+    Raises:
+        LidcsegError: a bad split file, an empty validation split, or a model unfit for scenes.
+    """
     from lidcseg.data.dataset import CropEvalDataset, CropTrainDataset
     from lidcseg.data.scenes import (
         SceneEvalDataset,
@@ -154,6 +172,7 @@ def _datasets(
             seed=cfg.seed,
             augment=cfg.augment,
             grader_draw=cfg.grader_draw,
+            augment_on=cfg.augment_on,
             augment_params=AugmentParams(
                 rotate_deg=cfg.aug_rotate_deg, shear=cfg.aug_shear, scale=cfg.aug_scale,
                 elastic_spacing=cfg.aug_elastic_spacing,
@@ -176,7 +195,6 @@ def _train(
     callback: Callback | None,
     dist: Dist,
 ) -> Path:
-    from lidcseg.data.dataset import StreamSampler
     from lidcseg.models.checkpoint import load_checkpoint
     from lidcseg.models.registry import create_model
     from lidcseg.seed import seed_everything
@@ -198,10 +216,12 @@ def _train(
     dist.barrier()  # every rank has looked before rank 0 changes anything
 
     # Data first: a bad file fails before any output is written.
-    train_ds, val_ds, scenes = _datasets(data_dir, train_path, val_path, model_cfg, cfg)
+    train_ds, val_ds, scenes = training_datasets(data_dir, train_path, val_path, model_cfg, cfg)
 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once (not reproducible)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
     seed_everything(cfg.seed)
     model = create_model(model_cfg)  # identical initial weights on every rank
     if dist.world > 1:
@@ -209,7 +229,9 @@ def _train(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Fused Adam: one kernel for all parameters on CUDA; the CPU keeps the reference loop.
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=True if device.type == "cuda" else None)
 
     start, best = 0, math.inf
     if resume:
@@ -236,21 +258,12 @@ def _train(
     if cfg.compile:
         forward = torch.compile(forward)  # type: ignore[assignment]
 
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size // dist.world,
-        sampler=StreamSampler(cfg.batch_size, start, cfg.steps, dist.rank, dist.world),
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        # The loader's own seed draw must not consume the global RNG, which is part of
-        # the restored state (samples carry their own augmentation seeds).
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader = training_loader(train_ds, cfg, device, dist, start)
+    device_aug = device_augment_for(train_ds)
     val_batches: Any = val_ds.batches(cfg.val_batch_size) if scenes else load_val(val_ds, cfg.val_batch_size)
     autocast = autocast_for(device, cfg)
     metrics_path = out_dir / "metrics.jsonl"
-    window = _Window()
+    window = StatsWindow(min(cfg.log_every, MAX_UNCHECKED_STEPS) if defer_sync(device) else 1)
     notify(TrainEvent("start", start, cfg.steps, {"resumed": float(resume)}))
     t_start = time.perf_counter()
 
@@ -259,30 +272,33 @@ def _train(
         lr, beta = lr_at(step, cfg), beta_at(step, model_cfg.beta, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["mask"].to(device, non_blocking=True)
-        ignore = batch["ignore"].to(device, non_blocking=True) if "ignore" in batch else None
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y, ignore = batch_to_device(batch, device, cfg.channels_last, device_aug)
         with autocast:
             terms = forward(x, y, ignore)
-        loss = objective(terms, beta, model_cfg, cfg)
+        loss = objective(terms, beta, model_cfg, cfg)  # outside autocast: float32 arithmetic
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stats = _reduce_stats(loss, terms, model_cfg.beta, dist)  # the same numbers on every rank
         done = step + 1
-        if not math.isfinite(stats["loss"]):
-            where = f"last good checkpoint kept at {last_dir}" if (last_dir / "config.json").is_file() \
-                else "no checkpoint was written yet"
-            raise LidcsegError(f"non-finite loss at step {done}; {where}")
-        optimizer.step()
-        window.add(stats, lr, beta, x.shape[0] * dist.world)
-        notify(TrainEvent("step", done, cfg.steps, {**_scalars(stats), "lr": lr, "it_s": window.it_s()}))
-
-        if dist.main and (done % cfg.log_every == 0 or done == cfg.steps):
-            append_jsonl(metrics_path, {"split": "train", "step": done, **window.flush(),
-                                        "time_s": round(time.perf_counter() - t_start, 3)})
+        # The same numbers on every rank; on CUDA they stay on the device until a sync point.
+        window.record(done, *step_vector(loss, terms, model_cfg.beta, dist))
+        is_log = done % cfg.log_every == 0 or done == cfg.steps
         is_val = done == cfg.steps or (cfg.val_every > 0 and done % cfg.val_every == 0)
+        is_checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if window.due(done) or is_log or is_val or is_checkpoint:  # every step on the CPU
+            bad = window.sync()  # checked before this step's update and before anything is saved
+            if bad is not None:
+                where = f"last good checkpoint kept at {last_dir}" if (last_dir / "config.json").is_file() \
+                    else "no checkpoint was written yet"
+                raise LidcsegError(f"non-finite loss at step {bad}; {where}")
+        optimizer.step()
+        window.tick(lr, beta, x.shape[0] * dist.world)
+        notify(TrainEvent("step", done, cfg.steps, {**window.latest, "lr": lr, "it_s": window.it_s()}))
+
+        if is_log:
+            row = window.flush()
+            if dist.main:
+                append_jsonl(metrics_path, {"split": "train", "step": done, **row,
+                                            "time_s": round(time.perf_counter() - t_start, 3)})
         if is_val:
             val = validate(model, val_batches, cfg, device, autocast, scenes) if dist.main else {}
             if dist.main:
@@ -294,7 +310,7 @@ def _train(
                         save_model(d, model, done, val, cfg)
                     notify(TrainEvent("checkpoint", done, cfg.steps, val, out_dir / "best"))
             model.train()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if is_checkpoint:
             rng = gather_rng(dist)
             if dist.main:
                 with atomic_dir(last_dir) as d:
@@ -304,6 +320,74 @@ def _train(
             dist.barrier()
     notify(TrainEvent("done", cfg.steps, cfg.steps, {}, out_dir))
     return out_dir
+
+
+def training_loader(
+    train_ds: Any, cfg: TrainConfig, device: torch.device, dist: Dist | None = None, start: int = 0
+) -> torch.utils.data.DataLoader:
+    """The batches of steps ``start .. cfg.steps - 1`` for this rank: ``batch_size / world``
+    samples each, in ``cfg.num_workers`` worker processes, pinned when ``device`` is CUDA."""
+    from lidcseg.data.dataset import StreamSampler
+
+    dist = dist or Dist()
+    return torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size // dist.world,
+        sampler=StreamSampler(cfg.batch_size, start, cfg.steps, dist.rank, dist.world),
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",  # page-locked batches: asynchronous copies to the GPU
+        # One pass over one sampler serves the whole run, so workers never need to persist.
+        persistent_workers=False,
+        # The loader's own seed draw must not consume the global RNG, which is part of
+        # the restored state (samples carry their own augmentation seeds).
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def device_augment_for(train_ds: Any) -> DeviceAugment | None:
+    """The batched augmentation :func:`batch_to_device` applies, or None.
+
+    A :class:`~lidcseg.data.dataset.CropTrainDataset` with ``augment_on="device"`` (and
+    augmentation on) hands out whole crops; their tiles are augmented on the training
+    device with the same distribution of transforms (:mod:`lidcseg.data.device_augment`).
+    The flip task's scenes always augment in the loader.
+    """
+    if not getattr(train_ds, "augments_on_device", False):
+        return None
+    return DeviceAugment(train_ds.augment_params, train_ds.input_size)
+
+
+def batch_to_device(
+    batch: Mapping[str, torch.Tensor],
+    device: torch.device,
+    channels_last: bool = False,
+    augment: DeviceAugment | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One training batch on the training device: the one place where batches cross over.
+
+    The DataLoader pins its batches on CUDA (``pin_memory``), so the copies are
+    asynchronous (``non_blocking``): the host goes on queueing work.
+
+    Args:
+        batch: a DataLoader batch: ``image`` (B, C_in, T, T) float32, ``mask`` (B, T, T)
+            int64, and ``ignore`` (B, T, T) bool for the flip task's scenes.
+        device: the training device.
+        channels_last: give the images the channels-last memory format (as the model).
+        augment: with ``TrainConfig.augment_on = "device"`` (:func:`device_augment_for`), the
+            batch holds whole crops (``crop``, ``crop_mask``, ``aug_seed``), augmented here,
+            batched on ``device``, into the loader path's ``image``/``mask`` tiles.
+
+    Returns:
+        ``(x, y, ignore)`` on ``device``; ``ignore`` None when the batch has none.
+    """
+    if augment is not None:
+        batch = augment.augment_batch(batch, device)
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["mask"].to(device, non_blocking=True)
+    ignore = batch["ignore"].to(device, non_blocking=True) if "ignore" in batch else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y, ignore
 
 
 class _LossForward(nn.Module):
@@ -317,82 +401,3 @@ class _LossForward(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         return self.model.loss(x, y, ignore)
-
-
-def _reduce_stats(
-    loss: torch.Tensor, terms: Mapping[str, torch.Tensor], beta: float, dist: Dist
-) -> dict[str, Any]:
-    """The step's numbers as Python floats, averaged over DDP ranks (one small all-reduce).
-
-    ``loss`` (the objective), ``elbo`` (``rec + beta * kl`` at the model's own beta),
-    ``rec``, ``kl`` (latent models) and the list ``kl_per_dim`` (N,).
-    """
-    parts = [loss.detach().float().reshape(1)]
-    names = ["loss"]
-    with torch.no_grad():
-        parts.append(elbo(terms, beta).detach().float().reshape(1))
-    names.append("elbo")
-    for k in ("rec", "kl"):
-        if k in terms:
-            parts.append(terms[k].detach().float().reshape(1))
-            names.append(k)
-    per_dim = terms.get("kl_per_dim")
-    if per_dim is not None:
-        parts.append(per_dim.detach().float().reshape(-1))
-    vec = torch.cat(parts)
-    if dist.world > 1:
-        torch.distributed.all_reduce(vec)
-        vec /= dist.world
-    values = vec.cpu().tolist()
-    stats: dict[str, Any] = dict(zip(names, values[: len(names)], strict=True))
-    if per_dim is not None:
-        stats["kl_per_dim"] = values[len(names) :]
-    return stats
-
-
-def _scalars(stats: Mapping[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in stats.items() if isinstance(v, float)}
-
-
-class _Window:
-    """Means of the training numbers since the last ``metrics.jsonl`` line."""
-
-    def __init__(self) -> None:
-        self.ema: float | None = None  # smoothed it/s, kept across windows
-        self.t_step = time.perf_counter()
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, Any] = {}
-        self.n = 0
-        self.images = 0
-        self.t0 = time.perf_counter()
-        self.last: tuple[float, float] = (0.0, 0.0)
-
-    def add(self, stats: Mapping[str, Any], lr: float, beta: float, images: int) -> None:
-        for k, v in stats.items():
-            if isinstance(v, list):
-                prev = self.sums.get(k, [0.0] * len(v))
-                self.sums[k] = [a + b for a, b in zip(prev, v, strict=True)]
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
-        self.images += images
-        self.last = (lr, beta)
-        now = time.perf_counter()
-        rate = 1.0 / max(now - self.t_step, 1e-9)
-        self.ema = rate if self.ema is None else 0.8 * self.ema + 0.2 * rate
-        self.t_step = now
-
-    def it_s(self) -> float:
-        return float(self.ema or 0.0)
-
-    def flush(self) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        row: dict[str, Any] = {}
-        for k, v in self.sums.items():
-            row[k] = [a / self.n for a in v] if isinstance(v, list) else v / self.n
-        row.update(lr=self.last[0], beta=self.last[1], it_s=self.n / elapsed,
-                   img_s=self.images / elapsed, steps_in_mean=self.n)
-        self.reset()
-        return row

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import typer
 
-from lidcseg_cli import _common, calibration, evaluate, import_cmd, phantom, prepare, sample, train
+from lidcseg_cli import (
+    _common,
+    calibration,
+    evaluate,
+    import_cmd,
+    phantom,
+    prepare,
+    reproduce,
+    sample,
+    train,
+)
 
 app = typer.Typer(
     name="lidcseg",
@@ -53,6 +63,7 @@ app.add_typer(import_cmd.app, name="import")
 app.add_typer(calibration.cityscapes_app, name="cityscapes")
 app.add_typer(calibration.scenes_app, name="scenes")
 app.command("calibration")(calibration.calibration)
+app.command("reproduce", epilog=reproduce.EPILOG)(reproduce.reproduce)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

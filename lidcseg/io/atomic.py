@@ -116,6 +116,23 @@ def _as_no_space(exc: BaseException, path: Path, inside: Path | None = None) -> 
     return None
 
 
+def new_file_mode() -> int:
+    """The mode a new file gets from ``open()``: ``0o666`` less the process umask.
+
+    Read from ``/proc/self/status`` where it exists, since setting the umask to read it
+    would briefly change it for every thread; otherwise set and restored at once.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success.
@@ -134,6 +151,7 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, new_file_mode())  # mkstemp's 0600 -> what open() would have given
         os.replace(tmp_path, dest)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

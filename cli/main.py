@@ -11,6 +11,7 @@ from lidcseg_cli import (
     _common,
     calibration,
     evaluate,
+    export,
     import_cmd,
     phantom,
     prepare,
@@ -64,6 +65,7 @@ app.add_typer(calibration.cityscapes_app, name="cityscapes")
 app.add_typer(calibration.scenes_app, name="scenes")
 app.command("calibration")(calibration.calibration)
 app.command("reproduce", epilog=reproduce.EPILOG)(reproduce.reproduce)
+app.command("export")(export.export)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -49,7 +49,7 @@ def sample(
     ),
     out: Path = typer.Option(
         ..., "--out", help="Output folder: hypotheses.nii.gz, frequency.nii.gz, summary.json "
-        "(+ hypotheses.seg.dcm for DICOM input)."
+        "(+ hypotheses.seg.dcm, BINARY, and frequency.seg.dcm, FRACTIONAL, for DICOM input)."
     ),
     n: int = typer.Option(16, "-n", "--n", help="Hypotheses per lesion (1 to 32767)."),
     at: list[str] = typer.Option(

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from lidcseg.errors import LidcsegError
-from lidcseg.io.dicom_seg import sanitize_text, write_hypotheses_seg
+from lidcseg.io.dicom_seg import sanitize_text, write_frequency_seg, write_hypotheses_seg
 from lidcseg.io.nifti import RAS_TO_LPS, make_header, read_nifti, write_nifti, write_nifti_volumes
 from lidcseg.io.scan import read_scan
 
@@ -211,3 +211,86 @@ def test_seg_passes_dciodvfy_with_hostile_tags(series_dir: Path, tmp_path: Path)
                          algorithm_name="lidcseg test", algorithm_version="0.1.0")
     again = pydicom.dcmread(tmp_path / "again.dcm")
     assert again.SOPInstanceUID == seg.SOPInstanceUID and again.SeriesInstanceUID == seg.SeriesInstanceUID
+
+
+SENTINEL = "SENTINELTAG"
+
+
+def _sentinel_copy(series_dir: Path, dest: Path, count: int) -> list[Path]:
+    """``count`` slices whose patient, study and series text tags all carry :data:`SENTINEL`."""
+    files = _evil_copy(series_dir, dest, count)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName = f"{SENTINEL}^Name"
+        ds.SeriesDescription = f"{SENTINEL} series"
+        ds.StudyDescription = f"{SENTINEL} study"
+        ds.ProtocolName = SENTINEL
+        ds.save_as(f)
+    return files
+
+
+def _segment_text(seg: pydicom.Dataset) -> str:
+    """Every value in the Segment Sequence, the series description and the content texts."""
+    text = [str(seg.SeriesDescription), str(seg.ContentLabel), str(seg.ContentDescription)]
+    for item in seg.SegmentSequence:
+        text.extend(str(elem.value) for elem in item.iterall() if elem.VR != "SQ")
+    return "\n".join(text)
+
+
+@needs_dciodvfy
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_frequency_seg_is_fractional_valid_and_reads_back(series_dir: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    files = _sentinel_copy(series_dir, tmp_path / "src", 3)
+    n = 7  # k / 7 is no multiple of 1 / 255: the stored values are rounded
+    rng = np.random.default_rng(0)
+    freq = np.zeros((3, 512, 512), np.float32)
+    freq[0, 200:230, 240:270] = rng.integers(0, n + 1, (30, 30)) / n
+    freq[2, 100:104, 100:103] = 1.0  # frame 1 stays empty (highdicom omits it)
+    about = "lidcseg probunet, run myrun, checkpoint best, seed 3"
+    out = tmp_path / "o" / "f.seg.dcm"
+    kw = dict(uid_parts=["x", 1], algorithm_name="lidcseg probunet", algorithm_version="0.1.0", about=about)
+    write_frequency_seg(out, files, freq, n=n, description=f"lidcseg frequency of {n} hypotheses", **kw)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["f.seg.dcm"]
+    assert dciodvfy_errors(out) == []
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.SegmentationType == "FRACTIONAL"
+    assert ds.SegmentationFractionalType == "PROBABILITY" and ds.MaximumFractionalValue == 255
+    assert ds.BitsAllocated == 8 and len(ds.SegmentSequence) == 1
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+    assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID and ds.SeriesInstanceUID != src.SeriesInstanceUID
+    item = ds.SegmentSequence[0]
+    assert item.SegmentLabel == "lesion probability"
+    assert item.SegmentDescription == f"{about}: share of 7 hypotheses marking a lesion"
+    assert SENTINEL not in _segment_text(ds)
+    # Read back: the frequency within half a step of 1/255 (highdicom rescales to [0, 1]).
+    seg = hd.seg.segread(out)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], rescale_fractional=True)
+    assert back.shape == (3, 512, 512, 1)
+    assert np.abs(back[..., 0] - freq).max() <= 0.5 / 255 + 1e-6
+    np.testing.assert_array_equal(back[..., 0] > 0, freq > 0)
+    # Beside the BINARY SEG of the same inputs: its own UIDs, series number and labels.
+    masks = np.zeros((3, 512, 512, 2), bool)
+    masks[0, 200:210, 240:250, 1] = True
+    write_hypotheses_seg(tmp_path / "h.seg.dcm", files, masks, description="lidcseg 2 hypotheses", **kw)
+    hyp = pydicom.dcmread(tmp_path / "h.seg.dcm")
+    assert hyp.SeriesInstanceUID != ds.SeriesInstanceUID and hyp.SOPInstanceUID != ds.SOPInstanceUID
+    assert (hyp.SeriesNumber, ds.SeriesNumber) == (900, 901)
+    assert [s.SegmentLabel for s in hyp.SegmentSequence] == ["hypothesis 1 of 2", "hypothesis 2 of 2"]
+    assert hyp.SegmentSequence[1].SegmentDescription == f"{about}: hypothesis 2 of 2"
+    assert SENTINEL not in _segment_text(hyp)
+
+
+def test_frequency_seg_refuses_bad_values(series_dir: Path, tmp_path: Path) -> None:
+    files = sorted(series_dir.glob("*.dcm"))[:2]
+    kw = dict(n=2, uid_parts=[1], algorithm_name="a", algorithm_version="b")
+    good = np.zeros((2, 512, 512), np.float32)
+    for bad, match in [(good[:1], "F = 2"), (good + 1.5, r"\[0, 1\]"), (good * np.nan, r"\[0, 1\]")]:
+        with pytest.raises(ValueError, match=match):
+            write_frequency_seg(tmp_path / "f.dcm", files, bad, **kw)
+    with pytest.raises(ValueError, match="1 to 255"):
+        write_frequency_seg(tmp_path / "f.dcm", files, good, max_fractional_value=256, **kw)
+    assert not list(tmp_path.iterdir())

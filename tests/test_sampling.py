@@ -40,6 +40,8 @@ TINY = ModelConfig(base_channels=4, num_scales=3, convs_per_block=1, latent_dim=
                    fcomb_channels=4, fcomb_layers=1)
 INPUT = 64
 FAULT_PATIENT = "LIDC-IDRI-0957"
+#: Put into the input's patient and series tags; must appear in no SEG label or description.
+SENTINEL = "SENTINELTAG"
 #: The threshold model's cut: -400 HU, normalised as in training.
 THR = float(normalize_hu(np.array(-400.0)))
 
@@ -336,15 +338,25 @@ def test_lidc_dicom_series_gives_a_valid_seg(series_dir: Path, run_dir: Path, tm
     result = cli(series_dir, "--run", run_dir, "--out", out, "-n", 2, "--lidc")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
-    proc = subprocess.run(["dciodvfy", str(out / "hypotheses.seg.dcm")], capture_output=True, text=True)
-    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
-    assert errors == []
+        ".lidcseg-output.json", "frequency.nii.gz", "frequency.seg.dcm", "hypotheses.nii.gz", "hypotheses.seg.dcm",
+        "summary.json"]
+    for name in ("hypotheses.seg.dcm", "frequency.seg.dcm"):
+        proc = subprocess.run(["dciodvfy", str(out / name)], capture_output=True, text=True)
+        errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == [], name
     seg = pydicom.dcmread(out / "hypotheses.seg.dcm")
     src = pydicom.dcmread(next(series_dir.glob("*.dcm")), stop_before_pixels=True)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY" and len(seg.SegmentSequence) == 2
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
     assert seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.SegmentSequence[1].SegmentLabel == "hypothesis 2 of 2"
+    assert seg.SegmentSequence[1].SegmentDescription == (
+        f"lidcseg probunet, run {run_dir.name}, checkpoint best, seed 0: hypothesis 2 of 2")
+    freq_seg = pydicom.dcmread(out / "frequency.seg.dcm", stop_before_pixels=True)
+    assert freq_seg.SegmentationType == "FRACTIONAL" and freq_seg.SegmentationFractionalType == "PROBABILITY"
+    assert freq_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+    assert freq_seg.FrameOfReferenceUID == seg.FrameOfReferenceUID
+    assert freq_seg.SeriesInstanceUID not in (seg.SeriesInstanceUID, src.SeriesInstanceUID)
     hyp = nib.load(out / "hypotheses.nii.gz")
     assert hyp.shape == (512, 512, 65, 2)
     summary = json.loads((out / "summary.json").read_text())
@@ -362,7 +374,9 @@ def test_hostile_dicom_tags_never_name_files(series_dir: Path, run_dir: Path, tm
     for src in series_dir.glob("*.dcm"):
         ds = pydicom.dcmread(src)
         ds.PatientID = "../../evil"
-        ds.SeriesDescription = "../../evil/" + "x" * 10
+        ds.SeriesDescription = "../../evil/" + "x" * 10 + SENTINEL
+        ds.PatientName = f"{SENTINEL}^Name"
+        ds.StudyDescription = SENTINEL
         ds.save_as(evil / src.name)
     work = tmp_path / "work"
     work.mkdir()
@@ -371,9 +385,45 @@ def test_hostile_dicom_tags_never_name_files(series_dir: Path, run_dir: Path, tm
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in work.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lidcseg-output.json", "frequency.nii.gz", "hypotheses.nii.gz", "hypotheses.seg.dcm", "summary.json"]
+        ".lidcseg-output.json", "frequency.nii.gz", "frequency.seg.dcm", "hypotheses.nii.gz", "hypotheses.seg.dcm",
+        "summary.json"]
     assert not list(tmp_path.rglob("evil*"))
     assert pydicom.dcmread(out / "hypotheses.seg.dcm").PatientID == "../../evil"
+    for name in ("hypotheses.seg.dcm", "frequency.seg.dcm"):  # labels and descriptions: our values only
+        seg = pydicom.dcmread(out / name, stop_before_pixels=True)
+        text = [str(seg.SeriesDescription), str(seg.ContentDescription)]
+        text += [str(e.value) for item in seg.SegmentSequence for e in item.iterall() if e.VR != "SQ"]
+        assert not any(SENTINEL in t for t in text), name
+        assert seg.SegmentSequence[0].SegmentDescription.startswith(
+            f"lidcseg probunet, run {run_dir.name}, checkpoint best, seed 0: "), name
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed (Debian package dicom3tools)")
+def test_frequency_seg_reads_back_as_the_frequency_map(series_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """frequency.seg.dcm (FRACTIONAL) holds frequency.nii.gz within half a step of 1/255."""
+    import highdicom as hd
+
+    monkeypatch.setattr("lidcseg.sampling.open_run", fake_open_run(ThresholdModel(spread=0.3)))
+    out = tmp_path / "out"
+    sample_scan(series_dir, "unused", out, at_voxel=[(256.0, 256.0, 30.0)], slices=(-1, 1), n=7, threads=1)
+    proc = subprocess.run(["dciodvfy", str(out / "frequency.seg.dcm")], capture_output=True, text=True)
+    assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")] == []
+    scan = read_scan(series_dir)
+    freq = scan.to_canonical(np.asarray(nib.load(out / "frequency.nii.gz").dataobj))  # (K, R, C)
+    assert ((freq > 0) & (freq < 1)).any()  # k / 7: rounded to 1/255 steps in the SEG
+    seg = hd.seg.segread(out / "frequency.seg.dcm")
+    item = seg.SegmentSequence[0]
+    assert item.SegmentLabel == "lesion probability"
+    assert item.SegmentDescription == "lidcseg threshold, seed 0: share of 7 hypotheses marking a lesion"
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): k for k, f in enumerate(scan.files)}
+    referenced = [sop for _, _, sop in seg.get_source_image_uids()]
+    frames = [uids[u] for u in referenced]
+    assert sorted(frames) == list(range(min(frames), min(frames) + 3))  # --slices=-1:1
+    back = seg.get_pixels_by_source_instance(referenced, segment_numbers=[1], rescale_fractional=True)[..., 0]
+    assert np.abs(back - freq[frames]).max() <= 0.5 / 255 + 1e-6
+    others = np.ones(len(freq), bool)
+    others[frames] = False
+    assert not freq[others].any()  # nothing outside the SEG's frames
 
 
 # -- bad input: one line, no traceback, no output -------------------------------------------------

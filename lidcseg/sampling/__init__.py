@@ -62,6 +62,7 @@ from lidcseg.progress import Progress
 from lidcseg.sampling.lesions import DEFAULT_POINT_SLICES, Lesion, locate_lesions
 from lidcseg.sampling.outputs import (
     FREQUENCY_FILE,
+    FREQUENCY_SEG_FILE,
     HYPOTHESES_FILE,
     SAMPLE_OUTPUT,
     SEG_FILE,
@@ -86,7 +87,7 @@ from lidcseg.sampling.tiles import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "DEFAULT_POINT_SLICES", "FREQUENCY_FILE", "HYPOTHESES_FILE", "SAMPLE_OUTPUT", "SEG_FILE",
+    "DEFAULT_BATCH_SIZE", "DEFAULT_POINT_SLICES", "FREQUENCY_FILE", "FREQUENCY_SEG_FILE", "HYPOTHESES_FILE", "SAMPLE_OUTPUT", "SEG_FILE",
     "SUMMARY_FILE", "SUMMARY_FORMAT", "Lesion", "Pasted", "Progress", "SampleResult", "Tiles",
     "build_summary", "centre_tile_offset", "check_output", "cut_tiles", "draw_hypotheses",
     "hypothesis_volume", "lesion_stats", "locate_lesions", "output_folder", "paste_back",

@@ -3,8 +3,10 @@
 An output folder ``lidcseg sample --out`` holds :data:`HYPOTHESES_FILE` (I, J, K, n)
 uint8, :data:`FREQUENCY_FILE` (I, J, K) float32, :data:`SUMMARY_FILE` (format
 :data:`SUMMARY_FORMAT`: input, model, protocol, noise and per-lesion statistics)
-and, for a DICOM input, :data:`SEG_FILE`. It is filled in a temporary folder
-(:func:`output_folder`), marked as ``lidcseg sample``'s and swapped in whole at the end;
+and, for a DICOM input, two DICOM SEGs: :data:`SEG_FILE` (BINARY, a segment per
+hypothesis) and :data:`FREQUENCY_SEG_FILE` (FRACTIONAL/PROBABILITY, the frequency map;
+a SEG has one type, and viewers that reject fractional SEGs still open the binary one).
+It is filled in a temporary folder (:func:`output_folder`), marked as ``lidcseg sample``'s and swapped in whole at the end;
 only a folder that ``lidcseg sample`` wrote is ever replaced. File names are fixed,
 never built from DICOM tags.
 """
@@ -31,6 +33,7 @@ HYPOTHESES_FILE = "hypotheses.nii.gz"
 FREQUENCY_FILE = "frequency.nii.gz"
 SUMMARY_FILE = "summary.json"
 SEG_FILE = "hypotheses.seg.dcm"
+FREQUENCY_SEG_FILE = "frequency.seg.dcm"
 SUMMARY_FORMAT = "lidcseg-sample"
 
 
@@ -63,8 +66,9 @@ def lesion_stats(scan: ScanVolume, les: Lesion, p: Pasted) -> dict[str, Any]:
 
 
 def output_files(scan: ScanVolume) -> list[str]:
-    """The names of the files written for ``scan`` (the SEG only for a DICOM input)."""
-    return [HYPOTHESES_FILE, FREQUENCY_FILE, SUMMARY_FILE] + ([SEG_FILE] if scan.kind == "dicom" else [])
+    """The names of the files written for ``scan`` (the SEGs only for a DICOM input)."""
+    segs = [SEG_FILE, FREQUENCY_SEG_FILE] if scan.kind == "dicom" else []
+    return [HYPOTHESES_FILE, FREQUENCY_FILE, SUMMARY_FILE, *segs]
 
 
 def build_summary(
@@ -132,6 +136,24 @@ def _output_header(scan: ScanVolume, shape: tuple[int, ...], dtype: type, descri
                        qform=qform, qform_code=qcode, description=description)
 
 
+def seg_about(summary: dict[str, Any]) -> str:
+    """What made the hypotheses, for the SEGs' segment descriptions: our own values only.
+
+    ``"lidcseg <model>, run <run folder>, checkpoint <best|last|...>, seed <seed>"``
+    from ``summary["model"]`` and ``summary["seed"]`` (the run as the user named it,
+    never a tag of the input).
+    """
+    model = summary.get("model") or {}
+    parts = [f"lidcseg {model.get('name', 'model')}"]
+    if model.get("run"):
+        parts.append(f"run {Path(model['run']).name or Path(model['run']).resolve().name}")
+    if model.get("checkpoint"):
+        parts.append(f"checkpoint {Path(model['checkpoint']).name}")
+    if summary.get("seed") is not None:
+        parts.append(f"seed {summary['seed']}")
+    return ", ".join(parts)
+
+
 def write_outputs(
     folder: Path,
     scan: ScanVolume,
@@ -142,12 +164,15 @@ def write_outputs(
     seg_uid_parts: Sequence[object] | None = None,
     algorithm: tuple[str, str] = ("lidcseg", ""),
 ) -> None:
-    """Write hypotheses.nii.gz, frequency.nii.gz, summary.json (and hypotheses.seg.dcm) into ``folder``.
+    """Write hypotheses.nii.gz, frequency.nii.gz, summary.json (and the two SEGs) into ``folder``.
 
     The NIfTIs are in the input's voxel order with its affine: hypotheses
     (I, J, K, n) uint8, streamed one hypothesis at a time; frequency (I, J, K)
     float32, the fraction of hypotheses containing each voxel. A DICOM input also
-    gets one SEG with a segment per hypothesis over the slices that were sampled.
+    gets, over the slices that were sampled, hypotheses.seg.dcm (BINARY, a segment
+    per hypothesis) and frequency.seg.dcm (FRACTIONAL/PROBABILITY, the frequency in
+    steps of 1/255). Their segment labels and descriptions name the model, the run
+    and n from ``summary`` (:func:`seg_about`), never the input's tags.
     """
     from lidcseg.io.nifti import write_nifti, write_nifti_volumes
 
@@ -166,7 +191,7 @@ def write_outputs(
     write_nifti(folder / FREQUENCY_FILE, scan.to_input(freq),
                 _output_header(scan, shape, np.float32, "lidcseg hypothesis frequency"))
     if scan.kind == "dicom":
-        from lidcseg.io.dicom_seg import write_hypotheses_seg
+        from lidcseg.io.dicom_seg import write_frequency_seg, write_hypotheses_seg
 
         frames = sorted({int(k) for p in pasted for k in p.slices})
         where = {k: f for f, k in enumerate(frames)}
@@ -175,11 +200,13 @@ def write_outputs(
             for s, k in enumerate(p.slices):
                 view = seg[where[int(k)], p.rows, p.cols]
                 seg[where[int(k)], p.rows, p.cols] = view | p.masks[:, s].transpose(1, 2, 0)
-        write_hypotheses_seg(
-            folder / SEG_FILE, [scan.files[k] for k in frames], seg,
-            uid_parts=list(seg_uid_parts or ()), algorithm_name=algorithm[0],
-            algorithm_version=algorithm[1], description=f"lidcseg {n} hypotheses",
-        )
+        files = [scan.files[k] for k in frames]
+        common = dict(uid_parts=list(seg_uid_parts or ()), algorithm_name=algorithm[0],
+                      algorithm_version=algorithm[1], about=seg_about(summary))
+        write_hypotheses_seg(folder / SEG_FILE, files, seg, description=f"lidcseg {n} hypotheses", **common)
+        del seg
+        write_frequency_seg(folder / FREQUENCY_SEG_FILE, files, freq[frames], n=n,
+                            description=f"lidcseg frequency of {n} hypotheses", **common)
     write_json_atomic(folder / SUMMARY_FILE, summary)
 
 

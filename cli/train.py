@@ -68,7 +68,7 @@ def train(
     from lidcseg.errors import LidcsegError
     from lidcseg.io.outputs import check_output_folder
     from lidcseg.models.registry import model_config
-    from lidcseg.presets import compose
+    from lidcseg.presets import compose, task_preset_name
     from lidcseg.training import TrainEvent, load_run_config
     from lidcseg.training import train as run
     from lidcseg.training.run_state import RUN_OUTPUT
@@ -76,8 +76,9 @@ def train(
     if resume and overwrite:
         raise LidcsegError("--resume and --overwrite exclude each other")
     check_output_folder(out, RUN_OUTPUT, inputs=[data, config], overwrite=overwrite)  # not over an input
+    task = TASK if is_scene_data(data) else "lidc"
     model_cfg, train_cfg = compose(
-        preset, model_defaults=model_config, task=TASK if is_scene_data(data) else "lidc", model=model,
+        preset, model_defaults=model_config, task=task, model=model,
         config_file=config, overrides=set_ or [], steps=steps, device=device,
         saved=(lambda: load_run_config(out)) if resume else None,
     )
@@ -102,7 +103,8 @@ def train(
                     f"sample diversity {e.metrics['diversity']:.4f}"
                 )
 
-        run(data, model_cfg, train_cfg, out, resume=resume, overwrite=overwrite, callback=on_event)
+        run(data, model_cfg, train_cfg, out, resume=resume, overwrite=overwrite, callback=on_event,
+            preset=None if resume and preset is None and config is None else task_preset_name(preset or "paper", task))
     if rank0:
         tail = f"; best GED@{train_cfg.val_samples} {best['ged']:.4f} at step {best['step']:.0f}" if best else ""
         console.print(f"trained {train_cfg.steps} steps into {out}{tail}")

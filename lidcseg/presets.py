@@ -104,11 +104,16 @@ def preset(name: str, task: str = "lidc") -> tuple[ModelConfig, TrainConfig]:
     """
     if task not in TASKS:
         raise LidcsegError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-    name = TASK_PRESET_NAMES.get(task, {}).get(name, name)
+    name = task_preset_name(name, task)
     try:
         return PRESETS[name]
     except KeyError:
         raise LidcsegError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None
+
+
+def task_preset_name(name: str, task: str = "lidc") -> str:
+    """The preset ``name`` means on ``task``'s data (``cpu-quick`` on flip scenes: ``scenes-quick``)."""
+    return TASK_PRESET_NAMES.get(task, {}).get(name, name)
 
 
 def override(cfg: T, values: dict[str, Any], *, source: str | Path | None = None) -> T:

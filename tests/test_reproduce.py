@@ -87,6 +87,7 @@ def test_full_run_finishes_every_stage(full_run: Path) -> None:
     # The layout: runs, the experiments' own reports, the latent figure.
     assert (full_run / "runs/probunet/last/state.json").is_file()
     assert json.loads((full_run / "runs/m-heads-4/config.json").read_text())["model"]["num_heads"] == 4
+    assert json.loads((full_run / "runs/probunet/config.json").read_text())["preset"] == "cpu-quick"
     summary = json.loads((full_run / "evaluate/summary.json").read_text())
     assert summary is not None and (full_run / "evaluate/ged.png").is_file()
     assert (full_run / "ambiguity/ambiguity.json").is_file()

@@ -311,9 +311,11 @@ def test_cli_trains_and_resumes(disc_data: Path, tmp_path: Path) -> None:
     r = _cli("--data", str(disc_data), "--out", str(run), "--steps", "2", *_CLI_TINY)
     assert r.exit_code == 0, r.output
     assert "trained 2 steps" in r.output
+    assert json.loads((run / "config.json").read_text())["preset"] == "cpu-quick"  # provenance
     r = _cli("--data", str(disc_data), "--out", str(run), "--steps", "3", "--resume")
     assert r.exit_code == 0, r.output
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 3
+    assert json.loads((run / "config.json").read_text())["preset"] == "cpu-quick"  # kept on resume
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from lidcseg.training.run_state import (
     environment,
     gather_rng,
     load_state,
+    recorded_preset,
     run_config,
     save_model,
     save_state,
@@ -89,6 +90,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     callback: Callback | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Train a model on ``data_dir/train.h5``, validating on ``data_dir/val.h5``.
 
@@ -101,6 +103,8 @@ def train(
             equal the saved ones except for :data:`~lidcseg.training.run_state.RESUMABLE_CHANGES`.
         overwrite: replace an existing run directory.
         callback: receives :class:`TrainEvent` objects (rank 0 only).
+        preset: the named preset the configs were composed from (``config.json``'s
+            ``preset``, for provenance); None keeps what a resumed run recorded.
 
     Returns:
         ``out_dir``.
@@ -120,7 +124,7 @@ def train(
         torch.set_num_threads(train_cfg.threads)
     dist = init_distributed(train_cfg)
     try:
-        return _train(data_dir, model_cfg, train_cfg, out_dir, resume, overwrite, callback, dist)
+        return _train(data_dir, model_cfg, train_cfg, out_dir, resume, overwrite, callback, dist, preset)
     except NoSpaceError as e:
         raise e.with_hint(_no_space_hint(out_dir)) from None
     finally:
@@ -194,6 +198,7 @@ def _train(
     overwrite: bool,
     callback: Callback | None,
     dist: Dist,
+    preset: str | None = None,
 ) -> Path:
     from lidcseg.models.checkpoint import load_checkpoint
     from lidcseg.models.registry import create_model
@@ -241,10 +246,12 @@ def _train(
     if dist.main:
         if resume:
             truncate_metrics(out_dir / "metrics.jsonl", start)
+            preset = preset or recorded_preset(out_dir)
         elif overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
             shutil.rmtree(out_dir)
         claim_output(out_dir, RUN_OUTPUT)
-        write_json_atomic(out_dir / "config.json", run_config(data_dir, model_cfg, cfg, train_ds, dist))
+        write_json_atomic(out_dir / "config.json", run_config(data_dir, model_cfg, cfg, train_ds, dist,
+                                                                preset))
         write_json_atomic(out_dir / "env.json", environment(device, dist))
     dist.barrier()
 

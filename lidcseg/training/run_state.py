@@ -127,10 +127,13 @@ def load_run_config(out_dir: str | Path) -> tuple[ModelConfig, TrainConfig]:
 
 
 def run_config(
-    data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, train_ds: Any, dist: Dist
+    data_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, train_ds: Any, dist: Dist,
+    preset: str | None = None,
 ) -> dict[str, Any]:
-    """What ``config.json`` holds: both configs, the data, the world size and the lr schedule."""
+    """What ``config.json`` holds: both configs, the data, the world size and the lr schedule,
+    and ``preset``, the named preset the configs were composed from, when the caller knows it."""
     return {
+        **({"preset": preset} if preset else {}),
         "model": to_dict(model_cfg),
         "train": to_dict(cfg),
         "data": {"dir": str(data_dir.resolve()), **(
@@ -140,6 +143,15 @@ def run_config(
         "world_size": dist.world,
         "lr_schedule": dict(zip(("boundaries", "values"), lr_schedule(cfg), strict=True)),
     }
+
+
+def recorded_preset(out_dir: Path) -> str | None:
+    """The ``preset`` a run's ``config.json`` records (None: none, or no readable file)."""
+    try:
+        value = json.loads((out_dir / "config.json").read_text()).get("preset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def environment(device: torch.device, dist: Dist) -> dict[str, Any]:

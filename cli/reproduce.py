@@ -64,9 +64,11 @@ def reproduce(
     no_report: bool = typer.Option(False, "--no-report", help="Skip the sampled cases and the HTML report."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its time estimate; write nothing."),
 ) -> None:
-    """Reproduce the paper: prepare, train every model, evaluate (Fig. 4a),
-    ambiguity (Table 1), the latent space (Fig. 6), with --flip the calibration
-    experiment (Fig. 5), and an HTML report.
+    """Reproduce the paper in one resumable command, with an HTML report.
+
+    The stages: prepare, train every model, evaluate (Fig. 4a),
+    ambiguity (Table 1), the latent space (Fig. 6), with --flip the
+    calibration experiment (Fig. 5), and OUT/report.html.
 
     Resumable: run the same command again after an interruption. A finished
     stage is kept (its folder holds a completion record) and a half-trained

@@ -59,10 +59,12 @@ def train(
 ) -> None:
     """Train the Probabilistic U-Net (or a baseline) on LIDC crops.
 
-    Under `torchrun --nproc_per_node N` the same command trains with DistributedDataParallel.
-    The config is composed in this order, a later source winning: the preset, the model
-    name's own defaults on the data's task (LIDC crops or flip scenes), --config, then
-    --set, --steps and --device.
+    Under `torchrun --nproc_per_node N` the same command trains with
+    DistributedDataParallel.
+
+    The config is composed in this order, a later source winning: the
+    preset, the model name's own defaults on the data's task (LIDC crops
+    or flip scenes), --config, then --set, --steps and --device.
     """
     from lidcseg.data.scenes import TASK, is_scene_data
     from lidcseg.errors import LidcsegError

@@ -226,7 +226,11 @@ def plot_examples(
     ratios: list[float] = []
     for b in range(k):
         ratios += ([gap] if b else []) + [1.0] * per_block
-    label_w, head = 1.0, 0.6
+    # Row labels: a row served by several runs ("m-heads-4+m-heads-8") breaks after each "+".
+    label_text = {lab: "\n".join(textwrap.fill(part, 16, break_on_hyphens=False)
+                                 for part in lab.replace("+", "+\n").split("\n")) for lab in labels}
+    label_w = 0.25 + 0.075 * max((len(line) for t in label_text.values() for line in t.split("\n")), default=8)
+    head = 0.9 if title else 0.6  # the title above the first crop's own title, not beside it
     width = cols * cell + label_w
     height = sum(ratios) * (cell + 0.2) + head
     fig = _figure(width, height)
@@ -262,7 +266,7 @@ def plot_examples(
                     continue
                 ax.imshow(mask_overlay(img, samples[lab][b, c][rs, cs]), interpolation="nearest")
                 if c == 0:
-                    ax.set_ylabel(lab, fontsize=8, rotation=0, ha="right", va="center")
+                    ax.set_ylabel(label_text[lab], fontsize=8, rotation=0, ha="right", va="center")
                 if i == 0:
                     ax.set_title(f"sample {c + 1}", fontsize=6)
     if title:

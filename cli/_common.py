@@ -222,8 +222,10 @@ def progress_bar(
         TimeRemainingColumn,
     )
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               *(TextColumn(f) for f in fields), *([TimeRemainingColumn()] if remaining else []),
+    # Descriptions and fields are plain text (stage names, run keys, paths): never rich markup or
+    # emoji codes, so "flip:train:probunet" shows as written and a "[" in a path stays.
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               *(TextColumn(f, markup=False) for f in fields), *([TimeRemainingColumn()] if remaining else []),
                TimeElapsedColumn()]
     progress = Progress(*columns, console=console, transient=True,
                         disable=disable or not console.is_terminal)

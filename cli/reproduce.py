@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from lidcseg_cli._common import console, one_line_errors, parse_counts, parse_csv, progress_bar
 
@@ -119,9 +118,7 @@ class _Progress:
 
     def __call__(self, e: Any) -> None:
         head = f"[{e.index}/{e.total}] {e.stage}"
-        # The bar renders rich markup and emoji codes: ":train:" of flip:train:probunet would
-        # become a train; a zero-width space after each colon keeps the name as it reads.
-        label = f"{e.index}/{e.total} {escape(e.stage).replace(':', ':' + chr(0x200B))}"
+        label = f"{e.index}/{e.total} {e.stage}"
         if e.kind == "skip":
             self._say(f"{head}: done already")
         elif e.kind == "start":

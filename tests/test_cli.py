@@ -157,3 +157,14 @@ def test_the_wheel_holds_every_package(tmp_path: Path) -> None:
     packages = {p.parent.relative_to(root).as_posix() for p in (root / "lidcseg").rglob("__init__.py")}
     assert packages and {f"{p}/__init__.py" for p in packages} <= names
     assert {"lidcseg_cli/__init__.py", "lidcseg_cli/main.py", "lidcseg/py.typed"} <= names
+
+def test_progress_labels_are_plain_text() -> None:
+    """Stage names and fields are shown as written: no rich markup, no emoji codes."""
+    from lidcseg_cli._common import progress_bar
+
+    with progress_bar("flip:train:probunet [x]", "{task.fields[model]}", total=1,
+                      model=":train:") as bar:
+        progress = bar._progress
+        task = progress.tasks[0]
+        shown = [col.render(task).plain for col in progress.columns[:1] + progress.columns[3:4]]
+    assert shown == ["flip:train:probunet [x]", ":train:"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +74,7 @@ def reproduce(
     """
     from lidcseg.reproduce import PAPER_KEYS, ReproduceOptions, build_plan
     from lidcseg.reproduce import reproduce as run
+    from lidcseg.reproduce.runner import rank
 
     options = ReproduceOptions(
         out=out, lidc_root=lidc_root, data=data, preset=preset,
@@ -86,7 +86,7 @@ def reproduce(
     if dry_run:
         typer.echo(plan_table(build_plan(options)))
         return
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = rank() == 0
     with _Progress(disable=not rank0) as show:
         plan = run(options, callback=show)
     if not rank0:

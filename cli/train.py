@@ -70,7 +70,7 @@ def train(
     from lidcseg.errors import LidcsegError
     from lidcseg.io.outputs import check_output_folder
     from lidcseg.models.registry import model_config
-    from lidcseg.presets import compose, task_preset_name
+    from lidcseg.presets import base_preset, compose
     from lidcseg.training import TrainEvent, load_run_config
     from lidcseg.training import train as run
     from lidcseg.training.run_state import RUN_OUTPUT
@@ -106,7 +106,7 @@ def train(
                 )
 
         run(data, model_cfg, train_cfg, out, resume=resume, overwrite=overwrite, callback=on_event,
-            preset=None if resume and preset is None and config is None else task_preset_name(preset or "paper", task))
+            preset=base_preset(preset, task, resuming=resume, config_file=config))
     if rank0:
         tail = f"; best GED@{train_cfg.val_samples} {best['ged']:.4f} at step {best['step']:.0f}" if best else ""
         console.print(f"trained {train_cfg.steps} steps into {out}{tail}")

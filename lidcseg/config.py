@@ -18,6 +18,8 @@ from lidcseg.errors import LidcsegError
 T = TypeVar("T")
 #: ``TrainConfig.scene_augment`` values (:class:`lidcseg.data.scenes.SceneTrainDataset`).
 SCENE_AUGMENTS: tuple[str, ...] = ("paper", "paper+mirror", "mirror")
+#: ``TrainConfig.augment_on`` values (:class:`lidcseg.data.dataset.CropTrainDataset`).
+AUGMENT_ON: tuple[str, ...] = ("loader", "device")
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,8 @@ class TrainConfig:
         if self.scene_augment not in SCENE_AUGMENTS:
             raise LidcsegError(f"TrainConfig.scene_augment must be one of {', '.join(SCENE_AUGMENTS)}, "
                                f"got {self.scene_augment!r}")
-        if self.augment_on not in ("loader", "device"):
-            raise LidcsegError(f"TrainConfig.augment_on must be 'loader' or 'device', got {self.augment_on!r}")
+        if self.augment_on not in AUGMENT_ON:
+            raise LidcsegError(f"TrainConfig.augment_on must be one of {', '.join(AUGMENT_ON)}, "
+                               f"got {self.augment_on!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise LidcsegError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")

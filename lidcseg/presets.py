@@ -116,6 +116,18 @@ def task_preset_name(name: str, task: str = "lidc") -> str:
     return TASK_PRESET_NAMES.get(task, {}).get(name, name)
 
 
+def base_preset(
+    preset_name: str | None, task: str = "lidc", *, resuming: bool = False, config_file: object = None
+) -> str | None:
+    """The preset a run's configs start from (:func:`compose`'s step 1), as ``task`` reads it.
+
+    None when a resumed run's own saved configs are the base (no preset, no config file).
+    """
+    if resuming and preset_name is None and config_file is None:
+        return None
+    return task_preset_name(preset_name or "paper", task)
+
+
 def override(cfg: T, values: dict[str, Any], *, source: str | Path | None = None) -> T:
     """A copy of the dataclass ``cfg`` with ``values`` replacing fields (unknown keys refused)."""
     merged = {**dataclasses.asdict(cfg), **values}  # type: ignore[call-overload]
@@ -223,10 +235,12 @@ def compose(
     Raises:
         LidcsegError: an unknown preset, task or model (listing the valid names), a bad file or override.
     """
-    if saved is not None and preset_name is None and config_file is None:
+    base = base_preset(preset_name, task, resuming=saved is not None, config_file=config_file)
+    if base is None:
+        assert saved is not None
         model_cfg, train_cfg = saved()
     else:
-        model_cfg, train_cfg = preset(preset_name or "paper", task=task)
+        model_cfg, train_cfg = preset(base, task=task)
     if model is not None:
         model_cfg = model_defaults(model, model_cfg, task)
     if config_file is not None:

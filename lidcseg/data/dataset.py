@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lidcseg.config import AUGMENT_ON
 from lidcseg.data.device_augment import CROP_KEYS
 from lidcseg.data.store import CropStore
 from lidcseg.data.transforms import (
@@ -49,10 +50,6 @@ from lidcseg.errors import LidcsegError
 #: empty ones included (the paper); ``real`` only among the crop's real graders.
 GRADER_DRAWS: tuple[str, ...] = ("all", "real")
 
-#: Values of ``augment_on`` (``TrainConfig.augment_on``): ``loader`` augments each tile in
-#: the DataLoader workers (MONAI); ``device`` leaves it to
-#: :class:`~lidcseg.data.device_augment.DeviceAugment` on the training device.
-AUGMENT_ON: tuple[str, ...] = ("loader", "device")
 
 
 class CropTrainDataset(Dataset):

@@ -150,7 +150,7 @@ def _facts(opened: OpenRun, run_dir: Path, ckpt: Path) -> BundleFacts:
             data = data_provenance(Path(data_dir), fingerprint=False)
         except (LidcsegError, OSError):
             data = {**data, "folder": data_dir, "version_text": "unknown: the data folder cannot be read"}
-    preset = run_cfg.get("preset") or (run_cfg.get("train") or {}).get("preset")
+    preset = run_cfg.get("preset")  # what lidcseg.training.run_state.run_config records
     val = opened.info.get("val")
     return BundleFacts(
         run=run_dir.resolve(), checkpoint=ckpt.name, model=opened.name, model_config=opened.info.get("config") or {},

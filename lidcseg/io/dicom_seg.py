@@ -169,8 +169,8 @@ def _write_seg(
     """Build one SEG on ``source_files`` with ``segments`` (label, description) and write it atomically.
 
     ``seg_type`` holds highdicom's ``segmentation_type`` (and, for FRACTIONAL, its
-    ``fractional_type`` and ``max_fractional_value``); ``uid_parts`` is prefixed
-    with the content label, so each kind of SEG has UIDs of its own.
+    ``fractional_type`` and ``max_fractional_value``); the UIDs come from ``uid_parts`` as
+    given (each writer makes its kind's own).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -181,16 +181,15 @@ def _write_seg(
         version=sanitize_text(algorithm_version, "LO"),
         family=codes.DCM.ArtificialIntelligence,
     )
-    parts = [] if content_label == "HYPOTHESES" else [content_label]  # HYPOTHESES: UIDs as before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-component PatientName, all-empty frames
         seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=pixel_array,
             segment_descriptions=[_segment(i, *s, algo) for i, s in enumerate(segments, 1)],
-            series_instance_uid=uid_from("series", *parts, *uid_parts),
+            series_instance_uid=uid_from("series", *uid_parts),
             series_number=series_number,
-            sop_instance_uid=uid_from("sop", *parts, *uid_parts),
+            sop_instance_uid=uid_from("sop", *uid_parts),
             instance_number=1,
             manufacturer="lidcseg",
             manufacturer_model_name=sanitize_text(algorithm_name, "LO"),
@@ -303,8 +302,8 @@ def write_frequency_seg(
     _write_seg(
         path, source_files, np.ascontiguousarray(frequency, dtype=np.float32),
         [("lesion probability", f"{lead}{share}")],
-        uid_parts=uid_parts, algorithm_name=algorithm_name, algorithm_version=algorithm_version,
-        series_number=901, description=description, content_label="FREQUENCY",
+        uid_parts=["FREQUENCY", *uid_parts], algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version, series_number=901, description=description, content_label="FREQUENCY",
         content_description=share,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,

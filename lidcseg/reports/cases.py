@@ -227,7 +227,10 @@ class CasesStore(LazyH5):
             return f["image"][start:stop], f["graders"][start:stop], f["hypotheses"][start:stop]
 
     def __getitem__(self, i: int) -> Case:
-        image, graders, hyp = self.bits(i)
+        return self.unpack(*self.bits(i))
+
+    def unpack(self, image: np.ndarray, graders: np.ndarray, hyp: np.ndarray) -> Case:
+        """A :class:`Case` from one crop's :meth:`bits`."""
         g = unpack_bits(graders[..., None], self.n_graders)
         return Case(image, g, [unpack_bits(hyp[r], run["count"]) for r, run in enumerate(self.runs)])
 

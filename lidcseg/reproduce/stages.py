@@ -76,7 +76,7 @@ def _prepare(ctx: Context, stage: Stage) -> dict[str, Any]:
 
 def _train(ctx: Context, stage: Stage) -> dict[str, Any]:
     from lidcseg.data.scenes import TASK as SCENES_TASK
-    from lidcseg.presets import task_preset_name
+    from lidcseg.presets import base_preset
     from lidcseg.training import TrainEvent, train
 
     assert stage.configs is not None and stage.key is not None
@@ -99,7 +99,7 @@ def _train(ctx: Context, stage: Stage) -> dict[str, Any]:
             ctx.progress(stage.name, stage.key, e.step, e.steps, "checkpoint")
 
     train(data, model_cfg, train_cfg, run_dir, resume=resume, overwrite=overwrite, callback=on_event,
-          preset=task_preset_name(ctx.options.preset, SCENES_TASK if stage.name.startswith("flip:") else "lidc"))
+          preset=base_preset(ctx.options.preset, SCENES_TASK if stage.name.startswith("flip:") else "lidc"))
     return {"key": stage.key, "model": model_cfg.name, "steps": train_cfg.steps, "resumed_from": start,
             "best_val_ged": best.get("ged"), "best_step": int(best["step"]) if best else None}
 

@@ -22,13 +22,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lidcseg.config import ModelConfig, TrainConfig
-from lidcseg.data.device_augment import DeviceAugment
 from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import NoSpaceError, atomic_dir, recover_dir, write_json_atomic
 from lidcseg.io.outputs import claim_output
@@ -52,6 +51,9 @@ from lidcseg.training.run_state import (
 from lidcseg.training.schedule import beta_at, lr_at, objective
 from lidcseg.training.stats import MAX_UNCHECKED_STEPS, StatsWindow, defer_sync, step_vector
 from lidcseg.training.validation import load_val, validate
+
+if TYPE_CHECKING:
+    from lidcseg.data.device_augment import DeviceAugment
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,8 @@ def device_augment_for(train_ds: Any) -> DeviceAugment | None:
     """
     if not getattr(train_ds, "augments_on_device", False):
         return None
+    from lidcseg.data.device_augment import DeviceAugment  # MONAI: only when it is used
+
     return DeviceAugment(train_ds.augment_params, train_ds.input_size)
 
 

@@ -59,6 +59,7 @@ def write_report(out_dir: Path, *, fingerprint: bool = True) -> Path:
     )
     from lidcseg.reports.html.results import (
         ablations_section,
+        evaluation_summary,
         fig4a_section,
         flip_section,
         latent_section,
@@ -75,11 +76,12 @@ def write_report(out_dir: Path, *, fingerprint: bool = True) -> Path:
         or any(data_dir.glob("*.h5")) else None
     cases, has_viewer = cases_section(out_dir / "cases", data)
     flip = flip_section(out_dir / "flip" / "calibration")
+    summary = evaluation_summary(out_dir / "evaluate")
     sections = [
         ("provenance", "Provenance", provenance_section(data, plan, run_summaries(out_dir, plan))),
-        ("fig4a", "Fig. 4a", fig4a_section(out_dir / "evaluate", data)),
+        ("fig4a", "Fig. 4a", fig4a_section(out_dir / "evaluate", summary, data)),
         ("table1", "Table 1", table1_section(out_dir / "ambiguity", data)),
-        ("ablations", "Ablations", ablations_section(out_dir / "evaluate", data)),
+        ("ablations", "Ablations", ablations_section(summary, data)),
         ("cases", "Case viewer", cases),
         ("fig6", "Fig. 6", latent_section(out_dir / "latent", plan)),
     ]

@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from lidcseg.errors import LidcsegError
 from lidcseg.io.jsonfile import read_json_object
 from lidcseg.reports.html.markup import (
     Raw,
@@ -154,25 +155,18 @@ def data_folder(out_dir: Path, plan: dict[str, Any]) -> Path:
     return Path(out_dir) / "data"
 
 
-def _last_val(metrics: Path) -> dict[str, Any] | None:
+def _last_val(run: Path) -> dict[str, Any] | None:
     """The last validation line of a run's ``metrics.jsonl``, and the best GED."""
-    last, best = None, None
+    from lidcseg.training.run_state import iter_metrics
+
     try:
-        with metrics.open(encoding="utf-8") as f:
-            for line in f:
-                if '"val"' not in line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and row.get("split") == "val" and isinstance(row.get("ged"), (int, float)):
-                    last = row
-                    best = row if best is None or row["ged"] < best["ged"] else best
-    except OSError:
+        rows = [r for r in iter_metrics(run, "val") if isinstance(r.get("ged"), (int, float))]
+    except (LidcsegError, OSError):
         return None
-    return None if last is None else {"step": last.get("step"), "ged": last["ged"],
-                                      "best_step": best.get("step"), "best_ged": best["ged"]}
+    if not rows:
+        return None
+    last, best = rows[-1], min(rows, key=lambda r: r["ged"])
+    return {"step": last.get("step"), "ged": last["ged"], "best_step": best.get("step"), "best_ged": best["ged"]}
 
 
 def run_summaries(out_dir: Path, plan: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -193,7 +187,7 @@ def run_summaries(out_dir: Path, plan: dict[str, Any] | None = None) -> list[dic
             continue
         runs.append({"key": folder.name, "config": config,
                      "env": read_json_object(folder / "env.json") or {},
-                     "val": _last_val(folder / "metrics.jsonl")})
+                     "val": _last_val(folder)})
     return runs
 
 

@@ -65,9 +65,16 @@ def _compare_n(summary: dict[str, Any]) -> int | None:
     return 16 if 16 in counts else (max(counts) if counts else None)
 
 
-def fig4a_section(folder: Path, data: dict[str, Any] | None) -> Raw:
-    """Fig. 4a: GED² box plots per model and n, the table with Wilcoxon p-values, published values."""
-    summary = read_json_object(folder / "summary.json", 64 * 2**20)
+def evaluation_summary(folder: Path) -> dict[str, Any] | None:
+    """``evaluate/summary.json`` (None when the evaluation did not run), read once per report."""
+    return read_json_object(folder / "summary.json", 64 * 2**20)
+
+
+def fig4a_section(folder: Path, summary: dict[str, Any] | None, data: dict[str, Any] | None) -> Raw:
+    """Fig. 4a: GED² box plots per model and n, the table with Wilcoxon p-values, published values.
+
+    ``summary``: :func:`evaluation_summary` of ``folder``.
+    """
     title = "Fig. 4a: GED² per model and number of samples (LIDC)"
     if summary is None:
         return section("fig4a", title, missing("The evaluation did not run (no evaluate/summary.json)."))
@@ -175,9 +182,8 @@ def table1_section(folder: Path, data: dict[str, Any] | None) -> Raw:
     )
 
 
-def ablations_section(folder: Path, data: dict[str, Any] | None) -> Raw:
-    """The Appendix D ablations beside the Prob. U-Net, from the evaluation."""
-    summary = read_json_object(folder / "summary.json", 64 * 2**20)
+def ablations_section(summary: dict[str, Any] | None, data: dict[str, Any] | None) -> Raw:
+    """The Appendix D ablations beside the Prob. U-Net, from the evaluation's ``summary``."""
     title = "Ablations (Appendix D)"
     if summary is None:
         return section("ablations", title, missing("The evaluation did not run (no evaluate/summary.json)."))

@@ -151,8 +151,9 @@ def static_example(store: CasesStore, i: int) -> Raw:
     then per run its first :data:`STATIC_HYPOTHESES` hypotheses, outlined in the viewer's colours."""
     from lidcseg.reports.plots import mask_overlay
 
-    _, grader_bits, hyp_bits = store.bits(i)
-    case = store[i]
+    stored = store.bits(i)
+    _, grader_bits, hyp_bits = stored
+    case = store.unpack(*stored)
     t = store.input_size
     rs, cs = lesion_box(grader_bits, hyp_bits, t)
     side = rs.stop - rs.start

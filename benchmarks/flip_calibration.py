@@ -107,6 +107,9 @@ def _row(r: dict[str, Any], seed: int, t_train: dict[tuple[int, str], float]) ->
         "pixel_mae": r["pixels"]["mae"],
         "posterior": ({p["class"]: p["accuracy"] for p in r["posterior"]["per_switch"]}
                       if r.get("posterior") else None),
+        # Where the decoder splits each flip, in prior sd from the quantile that samples it at p.
+        "boundary_offset": ({p["class"]: p["boundary"] - p["quantile"] for p in r["geometry"]["per_switch"]}
+                            if r.get("geometry") else None),
         "train_s": t_train.get((seed, r["label"])),
         "steps": (r["info"].get("step") if r.get("info") else None),
     }
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{row['mode_r']:7.3f} {row['mode_mae']:8.4f} {row['pixel_mae']:7.3f} {train_s:>8}")
         if row["posterior"]:
             print("    posterior encodes: " + ", ".join(f"{k} {v:.2f}" for k, v in row["posterior"].items()))
+        if row.get("boundary_offset"):
+            print("    boundary - quantile (prior sd, > 0 under-samples): "
+                  + ", ".join(f"{k} {v:+.2f}" for k, v in row["boundary_offset"].items()))
     pg = cal["paper_ged"]
     print(f"{'paper (T.2)':<14} {'':>4} {pg['1']:6.3f} {pg['4']:6.3f} {pg['8']:6.3f} {pg['16']:6.3f}")
     print("\nmean ± sd over seeds")

@@ -96,7 +96,7 @@ def calibration(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the latent noise (the same for every run)."),
     max_images: int = typer.Option(None, "--max-images", min=1, help="At most this many scenes, evenly spaced."),
     examples: int = typer.Option(3, "--examples", min=0, help="Scenes in examples.png (0: none)."),
-    posterior_scenes: int = typer.Option(20, "--posterior-scenes", min=0, help="Scenes for the check of which flips a Prob. U-Net's posterior encodes (0: skip)."),
+    posterior_scenes: int = typer.Option(20, "--posterior-scenes", min=0, help="Scenes for the check of which flips a Prob. U-Net's posterior encodes and where its decoder splits them (0: skip)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Scenes per model call."),
     threads: int = typer.Option(0, "--threads", min=0, help="Torch CPU threads (0: torch's default)."),
@@ -123,6 +123,9 @@ def calibration(
         if r.get("posterior"):
             acc = ", ".join(f"{p['class']} {fmt(p['accuracy'], 2)}" for p in r["posterior"]["per_switch"])
             console.print(f"    posterior encodes: {acc}")
+        if r.get("geometry"):
+            off = ", ".join(f"{p['class']} {p['boundary'] - p['quantile']:+.2f}" for p in r["geometry"]["per_switch"])
+            console.print(f"    flip boundary - quantile (prior sd; > 0 under-samples): {off}")
     console.print("  paper Prob. U-Net (Table 2): "
                   + " / ".join(fmt(PAPER_GED[c]) if c in PAPER_GED else "-" for c in shown))
     console.print(f"wrote {out}/calibration.md, calibration.json, ged.png, modes.png, marginals.png"

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lidcseg.calibration_geometry import flip_boundaries, has_latent_geometry, scene_batches
 from lidcseg.device import resolve_device
 from lidcseg.errors import LidcsegError
 from lidcseg.flips import (
@@ -100,10 +101,6 @@ def posterior_switch_accuracy(
         ``{"per_switch": [{"class", "accuracy", "cases"}], "all_right": share of
         (scene, mode) pairs with every present switch right, "cases": pairs}``.
     """
-    from lidcseg.data.scenes import normalize_rgb
-
-    labels = labels.masked_fill(ignore, 0).to(torch.int64)
-    check_unflipped(labels, "labels")
     bits = torch.as_tensor(mode_flips())  # (32, 5)
     right = torch.zeros(NUM_SWITCHES, dtype=torch.float64)
     cases = torch.zeros(NUM_SWITCHES, dtype=torch.float64)
@@ -111,11 +108,7 @@ def posterior_switch_accuracy(
     if hasattr(model, "eval"):
         model.eval()
     with torch.no_grad():
-        for s in range(0, labels.shape[0], batch_size):
-            x = images[s : s + batch_size]
-            x = (normalize_rgb(x) if x.dtype == torch.uint8 else x).to(device)
-            lab, ign = labels[s : s + batch_size], ignore[s : s + batch_size]
-            modes = mode_labels(lab)  # (b, 32, H, W)
+        for x, lab, ign, modes in scene_batches(images, labels, ignore, batch_size, device):
             for k in range(NUM_MODES):
                 rec = model.reconstruct(x, modes[:, k].to(device), ign.to(device)).argmax(1).cpu()
                 c = switch_counts(rec[:, None], lab, ign)
@@ -323,7 +316,10 @@ def calibrate_runs(
 
     Runs with a posterior net (``reconstruct``) also get
     :func:`posterior_switch_accuracy` on the first ``posterior_scenes`` scenes
-    (0: skip), the diagnosis of which flips the model has learned to encode.
+    (0: skip), the diagnosis of which flips the model has learned to encode, and
+    Prob. U-Nets :func:`~lidcseg.calibration_geometry.flip_boundaries` on the same
+    scenes: where the decoder splits each flip in the prior's units, the diagnosis
+    of why an encoded flip is still sampled at the wrong frequency.
 
     Writes ``calibration.json``, ``calibration.md``, ``modes.png`` (Fig. 5),
     ``marginals.png`` (pixel-wise marginals), ``ged.png`` (GED vs samples with
@@ -383,6 +379,13 @@ def calibrate_runs(
                 res["posterior"] = posterior_switch_accuracy(
                     model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
                     min_pixels=min_pixels)
+            if posterior_scenes > 0 and has_latent_geometry(model):
+                if progress is not None:
+                    progress(f"{label}: flip boundaries", 0, 1)
+                k = min(posterior_scenes, images.shape[0])
+                res["geometry"] = flip_boundaries(
+                    model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
+                    min_pixels=min_pixels, seed=seed)
             results.append({"label": label, "info": info, **res,
                             "time_s": time.perf_counter() - t_run})
     report = {

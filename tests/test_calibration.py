@@ -224,6 +224,11 @@ def test_cli_calibration_end_to_end(scenes: Path, tmp_path: Path) -> None:
     assert post["cases"] == 6 * 32 and len(post["per_switch"]) == 5
     assert "posterior" not in report["runs"][1]
     assert "Which flips the posterior encodes" in md and "posterior encodes:" in result.output
+    # ... and where its decoder splits each flip (the oracle has no latent space).
+    geometry = report["runs"][0]["geometry"]
+    assert [p["class"] for p in geometry["per_switch"]] == [sw.name for sw in SWITCHES]
+    assert "geometry" not in report["runs"][1]
+    assert "Where the decoder splits each flip" in md and "flip boundary - quantile" in result.output
 
 
 def test_calibrate_runs_labels_repeated_runs(scenes: Path, tmp_path: Path) -> None:

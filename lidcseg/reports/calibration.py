@@ -308,8 +308,31 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                 for i, sw in enumerate(SWITCHES)]
         rows.append(["all five right", *[fmt(r["posterior"]["all_right"]) for r in with_post]])
         doc.table(["switch", *[r["label"] for r in with_post]], rows)
+    with_geometry = [r for r in runs if r.get("geometry")]
+    if with_geometry:
+        _geometry_section(doc, with_geometry, settings.get("posterior_scenes"))
     doc.paragraph("Figures: `ged.png`, `modes.png`, `marginals.png`, `examples.png`.")
     return doc.text()
+
+
+def _geometry_section(doc: Markdown, runs: Sequence[Mapping[str, Any]], scenes: Any) -> None:
+    """Where each run's decoder splits every flip, in the prior's units (:mod:`lidcseg.calibration_geometry`)."""
+    doc.heading("Where the decoder splits each flip (latent space, prior's units)")
+    doc.paragraph("u = (z - mu_prior) / sigma_prior along the direction that separates the posterior means of "
+                  "the modes with and without the flip. A flip is sampled at its probability p when the "
+                  "decoder's boundary sits at the quantile Phi^-1(1 - p); a boundary beyond it under-samples "
+                  "the flip, one short of it over-samples it. 'agreement': share of the prior's samples a "
+                  f"flat boundary explains (low: the flip also depends on other directions). First {scenes} "
+                  "scenes.")
+    for r in runs:
+        g = r["geometry"]
+        rows = [[p["class"], fmt(p["probability"]), fmt(p["sampled"]), fmt(p["unflipped_at"], 2),
+                 fmt(p["flipped_at"], 2), fmt(p["midpoint"], 2), fmt(p["boundary"], 2), fmt(p["quantile"], 2),
+                 fmt(p["boundary"] - p["quantile"], 2), fmt(p["agreement"], 2)] for p in g["per_switch"]]
+        doc.paragraph(f"**{r['label']}**: posterior sigma / prior sigma {fmt(g['sigma_ratio'], 3)}; "
+                      f"{g['prior_samples']} prior samples per scene.")
+        doc.table(["switch", "p", "sampled", "unflipped at", "flipped at", "midpoint", "boundary", "quantile",
+                   "boundary - quantile", "agreement"], rows)
 
 
 def mode_scenes_text(rule: str, min_pixels: int = 1) -> str:

@@ -380,3 +380,23 @@ def test_arrow_keys_step_hypotheses_and_crops(reproduction: Path, tmp_path: Path
     second = re.search(r'data-second="([^"]*)"', dom).group(1)
     assert 'data-hyp="2"' in dom and 'data-selected="1"' in dom
     assert first.startswith("Crop ") and second.startswith("Crop ") and first != second
+
+
+def test_paper_values_appear_beside_ours_once_transcribed(reproduction: Path, monkeypatch) -> None:
+    """PAPER_TABLE1 / PAPER_ABLATIONS are empty until copied from the paper; a value put there
+    lands in the paper column of its model's row, and the others still say so."""
+    from lidcseg.reports import paper_values
+    from lidcseg.reports.html import results
+
+    assert results.PAPER_TABLE1 is paper_values.PAPER_TABLE1  # one home for the numbers
+    monkeypatch.setitem(paper_values.PAPER_TABLE1, "probunet", 0.876)
+    monkeypatch.setitem(paper_values.PAPER_ABLATIONS, "fixed-prior", 0.432)
+    table1 = str(results.table1_section(reproduction / "ambiguity", None))
+    rows = [r for r in re.findall(r"<tr>.*?</tr>", table1, flags=re.S) if "<td" in r]
+    assert any("0.876" in r and "probunet" in r for r in rows)
+    assert all("not transcribed" in r for r in rows if "0.876" not in r)
+    summary = json.loads((reproduction / "evaluate" / "summary.json").read_text())
+    ablations = str(results.ablations_section(summary, None))
+    rows = [r for r in re.findall(r"<tr>.*?</tr>", ablations, flags=re.S) if "<td" in r]
+    assert any("0.432" in r and "fixed-prior" in r for r in rows)
+    assert all("not transcribed" in r for r in rows if "0.432" not in r)

@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import write_json_atomic
 from lidcseg.presets import preset
+from lidcseg.training import iter_metrics
 
 
 def lidcseg(*args: str) -> list[str]:
@@ -98,6 +100,19 @@ def _finished(run: Path, steps: int) -> bool:
     return cfg["train"]["steps"] == steps and step >= steps
 
 
+def _loop_time(info: dict[str, Any] | None) -> float | None:
+    """The training loop's own time (``time_s`` of the run's last training row in
+    ``metrics.jsonl``): known for runs an earlier invocation trained, which this one reuses."""
+    checkpoint = (info or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    try:
+        rows = list(iter_metrics(Path(checkpoint).parent, "train"))
+    except LidcsegError:
+        return None
+    return rows[-1].get("time_s") if rows else None
+
+
 def _row(r: dict[str, Any], seed: int, t_train: dict[tuple[int, str], float]) -> dict[str, Any]:
     return {
         "model": r["label"], "seed": seed,
@@ -111,6 +126,7 @@ def _row(r: dict[str, Any], seed: int, t_train: dict[tuple[int, str], float]) ->
         "boundary_offset": ({p["class"]: p["boundary"] - p["quantile"] for p in r["geometry"]["per_switch"]}
                             if r.get("geometry") else None),
         "train_s": t_train.get((seed, r["label"])),
+        "train_s_metrics": _loop_time(r.get("info")),
         "steps": (r["info"].get("step") if r.get("info") else None),
     }
 
@@ -123,7 +139,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         s: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
         for n in ("1", "4", "8", "16"):
             s[f"ged{n}"] = spread([r["ged"][n] for r in mine])
-        for key in ("mode_r", "mode_mae", "pixel_mae", "train_s"):
+        for key in ("mode_r", "mode_mae", "pixel_mae", "train_s", "train_s_metrics"):
             s[key] = spread([r[key] for r in mine])
         if all(r["posterior"] for r in mine):
             s["posterior"] = {c: spread([r["posterior"][c] for r in mine]) for c in mine[0]["posterior"]}
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(head)
     for row in rows:
         g = row["ged"]
-        train_s = f"{row['train_s']:.0f}" if row["train_s"] else "-"
+        train_s = row["train_s"] or row["train_s_metrics"]  # this invocation's wall time, else the loop's
+        train_s = f"{train_s:.0f}" if train_s else "-"
         seed = "-" if row["model"] == "oracle" else str(row["seed"])
         print(f"{row['model']:<14} {seed:>4} {g['1']:6.3f} {g['4']:6.3f} {g['8']:6.3f} {g['16']:6.3f} "
               f"{row['mode_r']:7.3f} {row['mode_mae']:8.4f} {row['pixel_mae']:7.3f} {train_s:>8}")
@@ -236,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         print(f"{model:<14} seeds {','.join(map(str, s['seeds']))}: mode r {_pm(s['mode_r'], '.3f')}, "
               f"MAE {_pm(s['mode_mae'], '.4f')}, GED@16 {_pm(s['ged16'], '.3f')}, "
-              f"GED@1 {_pm(s['ged1'], '.3f')}, train s {_pm(s['train_s'], '.0f')}")
+              f"GED@1 {_pm(s['ged1'], '.3f')}, train s {_pm(s['train_s'] if s['train_s']['n'] else s['train_s_metrics'], '.0f')}")
         if "posterior" in s:
             print("    posterior: " + ", ".join(f"{c} {_pm(v, '.2f')}" for c, v in s["posterior"].items())
                   + f" (lowest {s['posterior_min']:.2f})")

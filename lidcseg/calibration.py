@@ -372,17 +372,16 @@ def calibrate_runs(
                 progress=progress, stage=f"{label} ({j + 1}/{len(models)})")
             if keep:
                 ex.samples[label] = np.stack([kept[i] for i in keep])
-            if posterior_scenes > 0 and hasattr(model, "reconstruct"):
+            k = min(posterior_scenes, images.shape[0])  # the scenes of both diagnoses
+            if k > 0 and hasattr(model, "reconstruct"):
                 if progress is not None:
                     progress(f"{label}: posterior", 0, 1)
-                k = min(posterior_scenes, images.shape[0])
                 res["posterior"] = posterior_switch_accuracy(
                     model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
                     min_pixels=min_pixels)
-            if posterior_scenes > 0 and has_latent_geometry(model):
+            if k > 0 and has_latent_geometry(model):
                 if progress is not None:
                     progress(f"{label}: flip boundaries", 0, 1)
-                k = min(posterior_scenes, images.shape[0])
                 res["geometry"] = flip_boundaries(
                     model, images[:k], labels[:k], ignore[:k], batch_size=batch_size, device=dev,
                     min_pixels=min_pixels, seed=seed)

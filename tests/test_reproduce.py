@@ -139,16 +139,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(full_run: Path, tmp_path: Pa
     assert records(full_run) == before
 
 
+def interrupt_at(kind: str, stage: str, step: int | None = None):
+    """A reproduce callback that stops the run (KeyboardInterrupt) at the first event of ``kind``
+    in ``stage`` (and at ``step``, when given): a kill at a known place."""
+
+    def callback(e: ReproduceEvent) -> None:
+        if e.kind == kind and e.stage == stage and (step is None or e.step == step):
+            raise KeyboardInterrupt
+
+    return callback
+
+
 def test_resume_after_a_kill_between_stages(full_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     options = tiny(out, data=full_run / "data")
 
-    def stop_after_probunet(e: ReproduceEvent) -> None:
-        if e.kind == "done" and e.stage == "train:probunet":
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        reproduce(options, callback=stop_after_probunet)
+        reproduce(options, callback=interrupt_at("done", "train:probunet"))
     assert states(out)["train:probunet"] == "done"
     assert states(out)["train:m-heads-4"] == "pending"
     first = records(out)
@@ -166,9 +173,7 @@ def test_resume_inside_a_training_stage(full_run: Path, tmp_path: Path) -> None:
     options = tiny(out, data=full_run / "data", models=("probunet",), counts=(1, 4), steps=6,
                    sets=(*TINY_SETS, "checkpoint_every=2"))
 
-    def kill_at_step_4(e: ReproduceEvent) -> None:
-        if e.kind == "checkpoint" and e.stage == "train:probunet" and e.step == 4:
-            raise KeyboardInterrupt
+    kill_at_step_4 = interrupt_at("checkpoint", "train:probunet", step=4)
 
     with pytest.raises(KeyboardInterrupt):
         reproduce(options, callback=kill_at_step_4)
@@ -266,12 +271,8 @@ def test_other_ranks_wait_for_rank_0_and_stop_when_it_fails(full_run: Path, tmp_
     out = tmp_path / "out"
     options = tiny(out, data=full_run / "data", models=("probunet",))
 
-    def fail_in_evaluate(e: ReproduceEvent) -> None:
-        if e.kind == "progress" and e.stage == "evaluate":
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        reproduce(options, callback=fail_in_evaluate)
+        reproduce(options, callback=interrupt_at("progress", "evaluate"))
     assert states(out)["evaluate"] == "failed"
     saved = (out / "plan.json").read_bytes()
     monkeypatch.setenv("RANK", "1")

@@ -86,7 +86,7 @@ def scenes_make(
 def calibration(
     data: Path = typer.Option(..., "--data", help="A flip-task data folder (scenes make / cityscapes prepare)."),
     out: Path = typer.Option(..., "--out", help="Report folder (new, empty, or one `lidcseg calibration` wrote; its report files are replaced): calibration.md/.json, ged/modes/marginals/examples.png."),
-    run: list[Path] = typer.Option(None, "--run", help="A `lidcseg train` run (best/, else last/) or a checkpoint folder. Repeatable."),
+    run: list[Path] = typer.Option(None, "--run", help="A `lidcseg train` run (refit/, else best/, else last/) or a checkpoint folder. Repeatable."),
     n: str = typer.Option("1,4,8,16", "-n", "--n", help="Sample counts of the GED (each the first n samples)."),
     samples: int = typer.Option(16, "--samples", min=1, help="Samples per scene for mode frequencies and marginals."),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),

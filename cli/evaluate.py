@@ -8,7 +8,7 @@ import typer
 
 from lidcseg_cli._common import console, one_line_errors, parse_counts, stage_progress
 
-RUN_HELP = "A `lidcseg train` run directory (best/, else last/) or a checkpoint folder. Repeatable."
+RUN_HELP = "A `lidcseg train` run directory (refit/, else best/, else last/) or a checkpoint folder. Repeatable."
 
 
 @one_line_errors

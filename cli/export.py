@@ -11,7 +11,7 @@ from lidcseg_cli._common import console, one_line_errors
 
 @one_line_errors
 def export(
-    run: Path = typer.Argument(..., help="A `lidcseg train` run folder (uses best/, else last/)."),
+    run: Path = typer.Argument(..., help="A `lidcseg train` run folder (uses refit/, else best/, else last/)."),
     format: str = typer.Option("monai-bundle", "--format", help="Export format: monai-bundle."),
     out: Path = typer.Option(..., "--out", help="The bundle folder to write (written whole)."),
     overwrite: bool = typer.Option(

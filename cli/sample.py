@@ -45,7 +45,7 @@ def sample(
         ..., help="A NIfTI CT volume (.nii/.nii.gz, values taken as HU) or a DICOM series folder."
     ),
     run: Path = typer.Option(
-        ..., "--run", help="A `lidcseg train` run directory (uses best/, else last/) or a checkpoint folder."
+        ..., "--run", help="A `lidcseg train` run directory (uses refit/, else best/, else last/) or a checkpoint folder."
     ),
     out: Path = typer.Option(
         ..., "--out", help="Output folder: hypotheses.nii.gz, frequency.nii.gz, summary.json "

@@ -104,6 +104,12 @@ def train(
                     f"step {e.step}: GED@{train_cfg.val_samples} {e.metrics['ged']:.4f}, "
                     f"sample diversity {e.metrics['diversity']:.4f}"
                 )
+            elif e.kind == "refit" and e.step == 1:
+                console.print(f"refitting the prior net to the labels' mode frequencies ({e.steps} steps)")
+            elif e.kind == "checkpoint" and e.path is not None and e.path.name == "refit":
+                calib = f", mode r {e.metrics['mode_r']:.3f}" if "mode_r" in e.metrics else ""
+                console.print(f"prior refit: GED@{train_cfg.val_samples} {e.metrics['ged']:.4f}{calib} "
+                              f"(the prior of refit step {e.metrics['kept_step']:.0f}) into {e.path}")
 
         run(data, model_cfg, train_cfg, out, resume=resume, overwrite=overwrite, callback=on_event,
             preset=base_preset(preset, task, resuming=resume, config_file=config))

@@ -219,6 +219,15 @@ class TrainConfig:
             cores). On a 2-core machine shared with other jobs, 2 threads ran a
             cpu-quick step 10x slower than 1 thread (7.5 s vs 0.75 s, measured):
             OpenMP threads spin-wait for a descheduled partner.
+        prior_refit_steps: after training, refit the Prob. U-Net's prior net for this many
+            batches, everything else frozen, so that it samples each mode of the training
+            labels at its frequency, into ``refit/`` (:mod:`lidcseg.training.prior_refit`;
+            not in the paper). Models without a learned prior net skip it. Paper: 0 (off).
+        prior_refit_samples: K, prior draws per image of the refit's estimator.
+        prior_refit_batch_size: training images per refit step (without augmentation).
+        prior_refit_lr: Adam's learning rate in the refit.
+        prior_refit_val_every: validate every this many refit steps and keep the prior of
+            the lowest validation GED (the refit's start included); 0: keep the last.
     """
 
     steps: int = 240_000
@@ -254,6 +263,11 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     threads: int = 0
+    prior_refit_steps: int = 0
+    prior_refit_samples: int = 256
+    prior_refit_batch_size: int = 2
+    prior_refit_lr: float = 3e-4
+    prior_refit_val_every: int = 50
 
     def __post_init__(self) -> None:
         from lidcseg.resources import TRAIN_LIMITS, check_ranges
@@ -263,6 +277,8 @@ class TrainConfig:
                      "kl_free_bits"):
             if getattr(self, name) < 0:
                 raise LidcsegError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.prior_refit_lr <= 0:
+            raise LidcsegError(f"TrainConfig.prior_refit_lr must be > 0, got {self.prior_refit_lr}")
         if not 0 < self.lr_final <= self.lr:
             raise LidcsegError(f"need 0 < lr_final <= lr, got lr={self.lr}, lr_final={self.lr_final}")
         if self.grader_draw not in ("all", "real"):

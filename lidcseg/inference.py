@@ -45,8 +45,9 @@ from lidcseg.io.jsonfile import read_json_object
 
 #: Image channels of LIDC inputs (CT): what evaluation, ambiguity, latent and scan sampling feed.
 CT_CHANNELS = 1
-#: The checkpoints of a run folder, in order of preference.
-RUN_CHECKPOINTS: tuple[str, ...] = ("best", "last")
+#: The checkpoints of a run folder, in order of preference: ``refit/`` (``best/`` with its prior
+#: refitted, when the run asked for it: :mod:`lidcseg.training.prior_refit`), ``best/``, ``last/``.
+RUN_CHECKPOINTS: tuple[str, ...] = ("refit", "best", "last")
 
 
 # -- opening runs ---------------------------------------------------------------------------
@@ -112,8 +113,9 @@ def _json(path: Path) -> dict[str, Any]:
 def resolve_checkpoint(run: str | Path) -> tuple[Path, Path | None]:
     """``(checkpoint folder, run folder or None)`` of a run folder or a checkpoint folder.
 
-    A run folder (no ``config.json``, or a run's ``config.json``) gives its ``best/``
-    checkpoint (the lowest validation GED), else ``last/``; anything else is taken as a
+    A run folder (no ``config.json``, or a run's ``config.json``) gives its ``refit/``
+    checkpoint (the prior refitted after training), else ``best/`` (the lowest validation
+    GED), else ``last/``; anything else is taken as a
     checkpoint folder, which :func:`lidcseg.models.checkpoint.load_checkpoint` checks.
 
     Raises:

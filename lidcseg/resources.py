@@ -110,6 +110,8 @@ TRAIN_LIMITS: dict[str, tuple[int, int]] = {
     "checkpoint_every": (1, 10**12), "lr_decay_steps": (0, 1000), "seed": (0, 2**63 - 1),
     "aug_max_shift": (0, 8192), "beta_warmup_steps": (0, 10**12), "num_workers": (0, 1024),
     "val_every": (0, 10**12), "threads": (0, 4096), "aug_elastic_spacing": (1, 8192),
+    "prior_refit_steps": (0, 10**12), "prior_refit_samples": (2, 65536), "prior_refit_batch_size": (1, 65536),
+    "prior_refit_val_every": (0, 10**12),
 }
 
 

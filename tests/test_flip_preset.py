@@ -18,10 +18,12 @@ def test_scenes_quick_trains_on_the_stored_scenes_without_weight_decay() -> None
     assert train.augment is False
     assert train.weight_decay == 0.0
     assert preset("cpu-quick", task="flip-scenes") == PRESETS["scenes-quick"]
-    # Within `make flip-demo`'s budget (about 15 minutes per model on 2 cores): 6000 steps of
-    # 8 scenes, one torch thread (8000 steps measured no better on seeds 0 and 1).
-    assert (train.steps, train.batch_size, train.threads) == (6000, 8, 1)
+    # `make flip-demo`'s budget (about 15 minutes per model on 2 cores): 6000 steps of 16 scenes
+    # (8 left a flip unlearned on more seeds), one torch thread, then 300 steps of prior refit
+    # (README, "Calibration"; 8000 steps of 8 scenes measured no better on seeds 0 and 1).
+    assert (train.steps, train.batch_size, train.threads) == (6000, 16, 1)
     assert (train.lr, train.lr_final, train.lr_decay_steps) == (1e-3, 1e-4, 2)
+    assert (train.prior_refit_steps, train.prior_refit_samples, train.prior_refit_val_every) == (300, 256, 50)
 
 
 def test_paper_presets_stay_literal() -> None:
@@ -29,6 +31,7 @@ def test_paper_presets_stay_literal() -> None:
     for name in ("paper", "cityscapes"):
         _, train = PRESETS[name]
         assert train.augment is True and train.weight_decay == TrainConfig().weight_decay == 1e-5
+        assert train.prior_refit_steps == 0  # the refit is not the paper's
         assert train.kl_free_bits == 0.0 and train.beta_warmup_steps == 0
 
 
@@ -41,7 +44,8 @@ def test_scenes_quick_two_steps(tmp_path: Path) -> None:
     make_scenes(data, n_train=4, n_val=2, n_test=2, height=32, width=64, seed=0)
     model_cfg, train_cfg = PRESETS["scenes-quick"]
     train_cfg = override(train_cfg, {"steps": 2, "batch_size": 2, "val_every": 2, "val_samples": 2,
-                                     "val_max_crops": 2, "checkpoint_every": 2, "log_every": 1})
+                                     "val_max_crops": 2, "checkpoint_every": 2, "log_every": 1,
+                                     "prior_refit_steps": 1, "prior_refit_samples": 4})
     run = train(data, model_cfg, train_cfg, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["augment"] is False and config["train"]["weight_decay"] == 0.0

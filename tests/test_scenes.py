@@ -204,7 +204,8 @@ def test_lidcseg_train_runs_on_the_flip_task(tmp_path) -> None:
 
 
 def test_cli_cpu_quick_on_scenes_means_scenes_quick(tmp_path) -> None:
-    """`--preset cpu-quick` on flip scenes trains the 24-class RGB model of `scenes-quick`."""
+    """`--preset cpu-quick` on flip scenes trains the 24-class RGB model of `scenes-quick`, and its
+    prior refit (two steps of few draws here) says which prior it kept."""
     import json
 
     from lidcseg.data.scenes import make_scenes
@@ -213,10 +214,13 @@ def test_cli_cpu_quick_on_scenes_means_scenes_quick(tmp_path) -> None:
     data = tmp_path / "scenes"
     make_scenes(data, n_train=4, n_val=2, n_test=2, height=32, width=64, seed=0)
     tiny = ["--set", "base_channels=4", "--set", "num_scales=3", "--set", "batch_size=2",
-            "--set", "val_samples=2", "--set", "val_max_crops=2"]
+            "--set", "val_samples=2", "--set", "val_max_crops=2", "--set", "prior_refit_steps=2",
+            "--set", "prior_refit_samples=4"]
     result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
                                  "--preset", "cpu-quick", "--steps", "2", *tiny])
     assert result.exit_code == 0, result.output
+    assert "refitting the prior net" in result.output and "prior refit: GED@2" in result.output
+    assert (tmp_path / "run" / "refit" / "config.json").is_file()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     quick_model, quick_train = PRESETS["scenes-quick"]
     assert config["model"]["num_classes"] == 24 and config["model"]["in_channels"] == 3

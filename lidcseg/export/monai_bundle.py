@@ -7,7 +7,7 @@ The bundle (MONAI's bundle specification)::
       configs/inference.json     NIfTI scan + lesion points (or mask) -> hypotheses as NIfTI
       models/model.pt            the state dict (torch.load(..., weights_only=True))
       models/model.ts            TorchScript sample(x, n) / sample_eps(x, eps) (Prob. U-Net family)
-      models/lidcseg-run/        the run's config.json (+ env.json) and its best/ (else last/)
+      models/lidcseg-run/        the run's config.json (+ env.json) and its refit/ (else best/, else last/)
                                  safetensors checkpoint: what inference.json samples from
       docs/README.md             provenance and limits (PHANTOM in large letters)
 

@@ -43,6 +43,7 @@ def _train_stage(name: str, folder: str, key: str, options: ReproduceOptions, ta
     """A training stage: its configs composed as ``lidcseg train`` composes them."""
     from lidcseg.models.registry import model_config
     from lidcseg.presets import compose
+    from lidcseg.training.prior_refit import has_prior_net
 
     model, implied = RUN_KEYS[key]
     model_cfg, train_cfg = compose(options.preset, model_defaults=model_config, task=task, model=model,
@@ -50,6 +51,10 @@ def _train_stage(name: str, folder: str, key: str, options: ReproduceOptions, ta
                                    device=options.device)
     seconds = est.train_s(model_cfg.name, model_cfg.num_heads, options.preset, train_cfg.steps,
                           train_cfg.val_every, train_cfg.val_max_crops, train_cfg.val_samples, world, task)
+    if train_cfg.prior_refit_steps and has_prior_net(model_cfg):
+        size = SCENES["height"] * SCENES["width"] if task != "lidc" else train_cfg.input_size**2
+        seconds += est.refit_s(train_cfg.prior_refit_steps, train_cfg.prior_refit_samples,
+                               train_cfg.prior_refit_batch_size, size, options.preset)
     return Stage(name, "train", folder, needs=(data,), params=train_params(model_cfg, train_cfg), key=key,
                  steps=train_cfg.steps, configs=(model_cfg, train_cfg), estimate_s=seconds)
 

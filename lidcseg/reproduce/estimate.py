@@ -40,8 +40,15 @@ CPU_SAMPLE_S: dict[str, float] = {
     "probunet": 0.010, "dropout-unet": 0.19, "unet-ensemble": 0.071, "m-heads": 0.010, "i2i-vae": 0.067,
     "fixed-prior": 0.0067, "fixed-prior-no-context": 0.0067, "early-injection": 0.068,
 }
-#: scenes-quick on flip scenes (batch 8 at 32 x 64, no augmentation): seconds per step.
-SCENES_STEP_S: dict[str, float] = {"probunet": 0.055, "dropout-unet": 0.048}
+#: scenes-quick on flip scenes (batch 16 at 32 x 64, no augmentation): seconds per step. Measured
+#: at batch 8 (0.055 and 0.048), times 1.65, the ratio of batch 16 to 8 measured on another
+#: machine (issue #13: 0.064 s against 0.039 s of CPU per step).
+SCENES_STEP_S: dict[str, float] = {"probunet": 0.091, "dropout-unet": 0.079}
+#: scenes-quick's prior refit (2 scenes, 256 draws a step, validations included): seconds per
+#: refit step, CPU (issue #13: 300 steps in 125 s, two runs side by side on 2 cores).
+SCENES_REFIT_STEP_S = 0.42
+#: Draws x images x pixels of that measurement; other refits are scaled by theirs.
+SCENES_REFIT_SIZE = 256 * 2 * 32 * 64
 #: Seconds to start a training (imports, data, model) and write its checkpoints, CPU.
 TRAIN_START_S = 5.0
 #: Assumed seconds per training step of the Prob. U-Net, paper preset, one GPU (see above).
@@ -88,6 +95,13 @@ def train_s(model: str, num_heads: int, preset: str, steps: int, val_every: int,
     n_val = (steps // val_every if val_every > 0 else 0) + 1
     return (TRAIN_START_S + steps * step_s(model, num_heads, preset, task) / max(1, world)
             + n_val * val_crops * sample_s(model, preset, val_samples))
+
+
+def refit_s(steps: int, samples: int, batch: int, pixels: int, preset: str) -> float:
+    """Seconds of a prior refit after training (:mod:`lidcseg.training.prior_refit`): ``steps``
+    of ``batch`` images of ``pixels`` pixels with ``samples`` draws each, scaled from scenes-quick's."""
+    seconds = steps * SCENES_REFIT_STEP_S * samples * batch * pixels / SCENES_REFIT_SIZE
+    return seconds if preset == "cpu-quick" else seconds / GPU_SPEEDUP
 
 
 def prepare_s(scans: int, workers: int, preset: str) -> float:

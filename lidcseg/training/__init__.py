@@ -15,6 +15,7 @@ The package, in reading order:
 * :mod:`~lidcseg.training.run_state` - the run directory, ``metrics.jsonl``,
   checkpoints and the training state that resume restores;
 * :mod:`~lidcseg.training.validation` - GED on the validation split (LIDC, flip task);
+* :mod:`~lidcseg.training.prior_refit` - the optional refit of the prior net after training;
 * :mod:`~lidcseg.training.distributed` - DDP, the device, autocast.
 
 The run directory::
@@ -30,6 +31,9 @@ The run directory::
                        states) + state.json (step, optimizer scalars, NumPy/Python RNG,
                        data-order position, best GED). No pickle anywhere.
       best/            the checkpoint of the lowest validation GED@``val_samples``
+      refit/           with ``prior_refit_steps`` > 0: best/ with its prior net refitted after
+                       training (:mod:`~lidcseg.training.prior_refit`); a run folder given to
+                       any command means this checkpoint when it exists
 
 ``last/`` is replaced atomically (written to a temporary folder, then swapped
 by two renames; a crash between them leaves ``.last.old/``, which resume

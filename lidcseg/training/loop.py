@@ -32,6 +32,12 @@ from lidcseg.errors import LidcsegError
 from lidcseg.io.atomic import NoSpaceError, atomic_dir, recover_dir, write_json_atomic
 from lidcseg.io.outputs import claim_output
 from lidcseg.training.distributed import Dist, autocast_for, init_distributed, run_device
+from lidcseg.training.prior_refit import (
+    REFIT_DIR,
+    candidate_batches,
+    has_prior_net,
+    run_prior_refit,
+)
 from lidcseg.training.run_state import (
     RUN_OUTPUT,
     STATE_JSON,
@@ -63,9 +69,10 @@ class TrainEvent:
     Attributes:
         kind: ``start`` (``step`` = first step to run), ``step`` (one optimizer step
             done), ``val`` (validation done), ``checkpoint`` (``path`` written),
-            ``done`` (``path`` = run directory).
-        step: optimizer steps completed.
-        steps: total steps of the run.
+            ``refit`` (one step of the prior refit after training done,
+            :mod:`lidcseg.training.prior_refit`), ``done`` (``path`` = run directory).
+        step: optimizer steps completed (of the refit, for ``refit`` and its ``checkpoint``).
+        steps: total steps of the run (of the refit, for those).
         metrics: numbers of this event (``loss``, ``elbo``, ``rec``, ``kl``, ``lr``, ``it_s``
             for ``step``; ``ged``, ``diversity`` for ``val``). On CUDA a ``step`` event
             carries the loss terms of the last step read back at a sync point (none
@@ -191,6 +198,15 @@ def training_datasets(
     return train_ds, val_ds, scenes
 
 
+def training_split(train_path: Path, cfg: TrainConfig, scenes: bool) -> Any:
+    """The training split as an evaluation dataset (no augmentation; all of an image's labels):
+    scenes with their un-flipped labels, or LIDC centre tiles with every grader's mask."""
+    from lidcseg.data.dataset import CropEvalDataset
+    from lidcseg.data.scenes import SceneEvalDataset
+
+    return SceneEvalDataset(train_path) if scenes else CropEvalDataset(train_path, input_size=cfg.input_size)
+
+
 def _train(
     data_dir: Path,
     model_cfg: ModelConfig,
@@ -249,6 +265,8 @@ def _train(
         if resume:
             truncate_metrics(out_dir / "metrics.jsonl", start)
             preset = preset or recorded_preset(out_dir)
+            if start < cfg.steps and (out_dir / REFIT_DIR).is_dir():
+                shutil.rmtree(out_dir / REFIT_DIR)  # this run's refit of weights about to change
         elif overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
             shutil.rmtree(out_dir)
         claim_output(out_dir, RUN_OUTPUT)
@@ -327,6 +345,14 @@ def _train(
                     save_state(d, optimizer, done, best, cfg, rng, dist)
                 notify(TrainEvent("checkpoint", done, cfg.steps, {}, last_dir))
             dist.barrier()
+    if dist.main and cfg.prior_refit_steps and has_prior_net(model_cfg):
+        def on_refit(kind: str, step: int, numbers: Mapping[str, float], path: Path | None) -> None:
+            notify(TrainEvent(kind, step, cfg.prior_refit_steps, numbers, path))
+
+        batches = candidate_batches(training_split(train_path, cfg, scenes), scenes, cfg, device)
+        run_prior_refit(model_cfg, cfg, out_dir, device, batches=batches, callback=on_refit,
+                        validate=lambda m: validate(m, val_batches, cfg, device, autocast, scenes))
+    dist.barrier()
     notify(TrainEvent("done", cfg.steps, cfg.steps, {}, out_dir))
     return out_dir
 

@@ -43,10 +43,13 @@ from lidcseg.training.run_checks import NEW_RUN, metric_rows, read_run_configs, 
 from lidcseg.training.schedule import lr_schedule
 
 #: Fields that may differ between a run and its resumption (they do not change the
-#: optimisation on the same device): the step budget, devices and bookkeeping.
+#: optimisation on the same device): the step budget, devices, bookkeeping, and the prior
+#: refit after training (a finished run resumed with other settings is refitted anew).
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"steps", "device", "num_workers", "log_every", "val_every", "val_max_crops",
-     "val_batch_size", "checkpoint_every", "compile", "channels_last", "bf16", "threads"}
+     "val_batch_size", "checkpoint_every", "compile", "channels_last", "bf16", "threads",
+     "prior_refit_steps", "prior_refit_samples", "prior_refit_batch_size", "prior_refit_lr",
+     "prior_refit_val_every"}
 )
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -240,12 +243,14 @@ def iter_metrics(run_dir: str | Path, split: str | None = None) -> Iterator[dict
 
 
 def save_model(
-    folder: Path, model: nn.Module, step: int, val: Mapping[str, float] | None, cfg: TrainConfig
+    folder: Path, model: nn.Module, step: int, val: Mapping[str, float] | None, cfg: TrainConfig,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """The model checkpoint in ``folder``, with the step, train config and validation numbers."""
+    """The model checkpoint in ``folder``, with the step, train config and validation numbers
+    (and ``extra`` entries of its ``meta``)."""
     from lidcseg.models.checkpoint import save_checkpoint
 
-    meta: dict[str, Any] = {"step": step, "train": to_dict(cfg)}
+    meta: dict[str, Any] = {"step": step, "train": to_dict(cfg), **(extra or {})}
     if val is not None:
         meta["val"] = dict(val)
     save_checkpoint(folder, model, meta=meta)

@@ -231,8 +231,8 @@ def refit_prior(
     Returns:
         ``trace`` (rows of ``step``, ``loss``, ``mass_error``: half the L1 distance between
         sampled and target frequencies of the batch's candidates, a draw of none counted as a
-        miss, ``sigma``: the prior's mean sigma), ``val`` (rows of ``step`` and the validation numbers), ``kept_step`` (the
-        step whose prior was kept; 0: the one the refit started from).
+        miss, ``sigma``: the prior's mean sigma), ``val`` (rows of ``step`` and the validation
+        numbers) and ``kept_step`` (the step whose prior was kept; 0: the one it started from).
     """
     prior = model.prior
     params = list(prior.parameters())
@@ -268,14 +268,15 @@ def refit_prior(
             weights, mass = mass_error_weights(candidate_shares(dist, separation), probs)
             mu, logsigma = prior(x)
             loss = prior_refit_loss(mu, logsigma, z, weights)
+            if not math.isfinite(float(loss.detach())):
+                raise LidcsegError(f"non-finite loss at step {step} of the prior refit (the run's "
+                                   "checkpoints are kept; no refit/ was written)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             mass_error = (mass - probs).abs().sum(1) + (1.0 - mass.sum(1))  # L1; a draw of none is a miss
             numbers = {"loss": float(loss.detach()), "mass_error": float(0.5 * mass_error.mean()),
                        "sigma": float(logsigma.detach().exp().mean())}
-            if not math.isfinite(numbers["loss"]):
-                raise LidcsegError(f"non-finite loss at step {step} of the prior refit")
             for key, v in numbers.items():
                 sums[key] += v
             n_in_row += 1

@@ -36,7 +36,7 @@ optimum each mode is drawn at its frequency as closely as an axis-aligned Gaussi
 allows. A draw of none of the candidates counts for no mode (W_k = 0). Counted for
 its nearest mode instead, mass spread into latents where the decoder draws garbage
 passed for a rare mode, and the prior's sigma grew fourfold while the validation GED
-went from 0.06 to 0.5; a target of 0 for R_none instead pulled the prior into the
+went from 0.06-0.07 to 0.3-0.5; a target of 0 for R_none instead pulled the prior into the
 cores of the modes at the expense of their frequencies (issue #13). The K draws are
 randomised quasi-Monte Carlo (scrambled Sobol points through the normal quantile),
 spread evenly over the prior.

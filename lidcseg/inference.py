@@ -121,7 +121,7 @@ def resolve_checkpoint(run: str | Path) -> tuple[Path, Path | None]:
     Raises:
         LidcsegError: the path does not exist, or a run folder has no checkpoint.
     """
-    from lidcseg.models.checkpoint import CONFIG_FILE, checkpoint_dir
+    from lidcseg.models.checkpoint import CONFIG_FILE, checkpoint_dir, first_checkpoint
 
     run = Path(run)
     if not run.exists():
@@ -129,9 +129,9 @@ def resolve_checkpoint(run: str | Path) -> tuple[Path, Path | None]:
     folder = checkpoint_dir(run)
     config = folder / CONFIG_FILE
     if folder.is_dir() and (not config.is_file() or _is_run_config(config)):
-        for name in RUN_CHECKPOINTS:
-            if (folder / name / CONFIG_FILE).is_file():
-                return folder / name, folder
+        found = first_checkpoint(folder, RUN_CHECKPOINTS)
+        if found is not None:
+            return found, folder
         raise LidcsegError("not a run directory (no best/ or last/ checkpoint) nor a checkpoint", run)
     return folder, None
 

@@ -15,6 +15,8 @@ reconstruction term over the batch, which silently turned beta into beta/B).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,20 @@ def pixel_cross_entropy(
     if ignore is not None:
         ce = ce.masked_fill(ignore, 0.0)
     return ce.flatten(1).sum(1)
+
+
+def std_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
+    """log N(eps; 0, I) summed over the last (latent) dimension: (..., N) -> (...)."""
+    return -0.5 * (eps**2).sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi)
+
+
+def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(sigma^2)) summed over the last (latent) dimension: (..., N) -> (...).
+
+    ``mu`` and ``logsigma`` broadcast against ``z`` (e.g. (B, 1, N) against (B, n, N)).
+    """
+    eps = (z - mu) * torch.exp(-logsigma)
+    return (-0.5 * eps**2 - logsigma - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def kl_diag_gaussians(

@@ -54,7 +54,7 @@ def check_run(run: str | Path) -> tuple[Path, Path]:
             unknown model name, no ``best/`` or ``last/`` checkpoint, or a checkpoint without
             its ``config.json`` or ``model.safetensors``.
     """
-    from lidcseg.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from lidcseg.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, first_checkpoint
     from lidcseg.models.registry import MODEL_NAMES
 
     run = Path(run)
@@ -65,7 +65,7 @@ def check_run(run: str | Path) -> tuple[Path, Path]:
     if config is None or not isinstance(config.get("model"), dict) or "train" not in config:
         raise LidcsegError(f"incomplete run folder: no run {CONFIG_FILE} (with model and train configs)",
                            run / CONFIG_FILE)
-    folder = next((run / n for n in RUN_CHECKPOINTS if (run / n / CONFIG_FILE).is_file()), None)
+    folder = first_checkpoint(run, RUN_CHECKPOINTS)
     if folder is None:
         raise LidcsegError("incomplete run folder: no best/ or last/ checkpoint", run)
     if not (folder / WEIGHTS_FILE).is_file():

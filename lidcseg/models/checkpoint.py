@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ def checkpoint_dir(dir_or_path: str | Path) -> Path:
     if path.name in (WEIGHTS_FILE, CONFIG_FILE) or path.suffix in (".safetensors", ".json"):
         return path.parent
     return path
+
+
+def first_checkpoint(run: Path, names: Sequence[str]) -> Path | None:
+    """``run/<name>`` of the first of ``names`` that holds a checkpoint ``config.json``, or None."""
+    return next((run / n for n in names if (run / n / CONFIG_FILE).is_file()), None)
 
 
 def save_checkpoint(

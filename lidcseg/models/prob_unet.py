@@ -28,7 +28,6 @@ Image2Image VAE baseline (Fig. 2d, :mod:`lidcseg.models.i2i_vae`).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lidcseg.config import ModelConfig
-from lidcseg.losses import elbo_terms
+from lidcseg.losses import elbo_terms, std_normal_log_prob
 from lidcseg.models.blocks import check_input_size, init_weights, standard_normal
 from lidcseg.models.fcomb import FComb
 from lidcseg.models.registry import SegmentationModel, check_labels
@@ -343,7 +342,7 @@ class ProbUNet(SegmentationModel):
             logits[s : s + chunk_size] = self.decode(xc, z[s : s + chunk_size], chunk_size)
             logsigma_sum[s : s + chunk_size] = logsigma.sum(1)
         # log N(z; mu, sigma) = log N(eps; 0, I) - sum log sigma, as z = mu + sigma * eps.
-        log_prob = _std_normal_log_prob(eps) - logsigma_sum[:, None]
+        log_prob = std_normal_log_prob(eps) - logsigma_sum[:, None]
         return Hypotheses(logits, z, log_prob)
 
     @torch.no_grad()
@@ -400,7 +399,3 @@ def concat_latent(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     b, _, h, w = x.shape
     return torch.cat([x, z[:, :, None, None].expand(b, -1, h, w).to(x.dtype)], dim=1)
 
-
-def _std_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
-    """log N(eps; 0, I) summed over the last dimension: (..., N) -> (...)."""
-    return -0.5 * (eps**2).sum(-1) - 0.5 * eps.shape[-1] * math.log(2 * math.pi)

@@ -163,13 +163,8 @@ def training_datasets(
     Raises:
         LidcsegError: a bad split file, an empty validation split, or a model unfit for scenes.
     """
-    from lidcseg.data.dataset import CropEvalDataset, CropTrainDataset
-    from lidcseg.data.scenes import (
-        SceneEvalDataset,
-        SceneTrainDataset,
-        check_model_for_scenes,
-        is_scene_data,
-    )
+    from lidcseg.data.dataset import CropTrainDataset
+    from lidcseg.data.scenes import SceneTrainDataset, check_model_for_scenes, is_scene_data
     from lidcseg.data.transforms import AugmentParams
 
     scenes = is_scene_data(data_dir)  # the flip task (Section 4.2): DATA/manifest.json says so
@@ -177,7 +172,6 @@ def training_datasets(
         check_model_for_scenes(data_dir, model_cfg)
         train_ds: Any = SceneTrainDataset(train_path, seed=cfg.seed, augment=cfg.augment,
                                           scheme=cfg.scene_augment)
-        val_ds: Any = SceneEvalDataset(val_path, limit=cfg.val_max_crops)
     else:
         train_ds = CropTrainDataset(
             train_path,
@@ -192,19 +186,21 @@ def training_datasets(
                 elastic_magnitude=cfg.aug_elastic_magnitude, max_shift=cfg.aug_max_shift,
             ),
         )
-        val_ds = CropEvalDataset(val_path, input_size=cfg.input_size, limit=cfg.val_max_crops)
+    val_ds = eval_split(val_path, cfg, scenes, limit=cfg.val_max_crops)
     if len(val_ds) == 0:
         raise LidcsegError("split has no crops", val_path)
     return train_ds, val_ds, scenes
 
 
-def training_split(train_path: Path, cfg: TrainConfig, scenes: bool) -> Any:
-    """The training split as an evaluation dataset (no augmentation; all of an image's labels):
-    scenes with their un-flipped labels, or LIDC centre tiles with every grader's mask."""
+def eval_split(path: Path, cfg: TrainConfig, scenes: bool, limit: int | None = None) -> Any:
+    """A split as an evaluation dataset (no augmentation; all of an image's labels): scenes with
+    their un-flipped labels, or LIDC centre tiles with every grader's mask; at most ``limit``."""
     from lidcseg.data.dataset import CropEvalDataset
     from lidcseg.data.scenes import SceneEvalDataset
 
-    return SceneEvalDataset(train_path) if scenes else CropEvalDataset(train_path, input_size=cfg.input_size)
+    if scenes:
+        return SceneEvalDataset(path, limit=limit)
+    return CropEvalDataset(path, input_size=cfg.input_size, limit=limit)
 
 
 def _train(
@@ -349,7 +345,7 @@ def _train(
         def on_refit(kind: str, step: int, numbers: Mapping[str, float], path: Path | None) -> None:
             notify(TrainEvent(kind, step, cfg.prior_refit_steps, numbers, path))
 
-        batches = candidate_batches(training_split(train_path, cfg, scenes), scenes, cfg, device)
+        batches = candidate_batches(eval_split(train_path, cfg, scenes), scenes, cfg, device)
         run_prior_refit(model_cfg, cfg, out_dir, device, batches=batches, callback=on_refit,
                         validate=lambda m: validate(m, val_batches, cfg, device, autocast, scenes))
     dist.barrier()

@@ -166,8 +166,9 @@ def prior_refit_loss(
         z: (B, K, N) the draws (no gradient).
         weights: (B, K) W from :func:`mass_error_weights` (no gradient).
     """
-    eps = (z - mu[:, None]) * torch.exp(-logsigma)[:, None]  # (B, K, N)
-    log_prob = (-0.5 * eps**2 - logsigma[:, None] - 0.5 * math.log(2 * math.pi)).sum(2)  # (B, K)
+    from lidcseg.losses import diag_gaussian_log_prob
+
+    log_prob = diag_gaussian_log_prob(z, mu[:, None], logsigma[:, None])  # (B, K)
     return (weights * log_prob).mean(1).mean()
 
 
@@ -232,7 +233,8 @@ def refit_prior(
         ``trace`` (rows of ``step``, ``loss``, ``mass_error``: half the L1 distance between
         sampled and target frequencies of the batch's candidates, a draw of none counted as a
         miss, ``sigma``: the prior's mean sigma), ``val`` (rows of ``step`` and the validation
-        numbers) and ``kept_step`` (the step whose prior was kept; 0: the one it started from).
+        numbers), ``kept_step`` (the step whose prior was kept; 0: the one it started from) and
+        ``kept_val`` (its validation numbers; None without validation).
     """
     prior = model.prior
     params = list(prior.parameters())
@@ -246,14 +248,14 @@ def refit_prior(
     optimizer = torch.optim.Adam(params, lr=lr)
     trace: list[dict[str, float]] = []
     vals: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best: tuple[dict[str, float], int, dict[str, torch.Tensor]] | None = None
 
     def check(step: int) -> None:
         nonlocal best
         numbers = dict(validate(model))  # type: ignore[misc]
         vals.append({"step": step, **numbers})
-        if best is None or numbers["ged"] < best[0]:
-            best = (numbers["ged"], step, copy.deepcopy(prior.state_dict()))
+        if best is None or numbers["ged"] < best[0]["ged"]:
+            best = (numbers, step, copy.deepcopy(prior.state_dict()))
 
     sums = {"loss": 0.0, "mass_error": 0.0, "sigma": 0.0}
     n_in_row = step = 0
@@ -294,11 +296,10 @@ def refit_prior(
     finally:
         for p, r in zip(frozen, was, strict=True):
             p.requires_grad_(r)
-    kept = step
-    if best is not None:
-        prior.load_state_dict(best[2])
-        kept = best[1]
-    return {"trace": trace, "val": vals, "kept_step": kept}
+    if best is None:
+        return {"trace": trace, "val": vals, "kept_step": step, "kept_val": None}
+    prior.load_state_dict(best[2])
+    return {"trace": trace, "val": vals, "kept_step": best[1], "kept_val": best[0]}
 
 
 # -- the stage of ``lidcseg train`` ---------------------------------------------------------
@@ -392,12 +393,12 @@ def run_prior_refit(
     Returns:
         The ``refit/`` folder, or None when there was nothing to do.
     """
-    from lidcseg.models.checkpoint import CONFIG_FILE, load_checkpoint
+    from lidcseg.models.checkpoint import first_checkpoint, load_checkpoint
     from lidcseg.training.run_state import save_model
 
     if cfg.prior_refit_steps == 0 or not has_prior_net(model_cfg):
         return None
-    source = next((out_dir / n for n in SOURCES if (out_dir / n / CONFIG_FILE).is_file()), None)
+    source = first_checkpoint(out_dir, SOURCES)
     if source is None:
         raise LidcsegError("no best/ or last/ checkpoint to refit the prior of", out_dir)
     ckpt = load_checkpoint(source, device="cpu", expected_name=model_cfg.name)
@@ -415,8 +416,7 @@ def run_prior_refit(
                          seed=cfg.seed + REFIT_SEED_OFFSET, validate=validate,
                          val_every=cfg.prior_refit_val_every, log_every=max(1, cfg.log_every),
                          callback=on_step)
-    val = next((v for v in result["val"] if v["step"] == result["kept_step"]), None) or validate(model)
-    val = {k: v for k, v in val.items() if k != "step"}
+    val = result["kept_val"] or validate(model)
     folder = out_dir / REFIT_DIR
     with atomic_dir(folder) as d:
         save_model(d, model, source_step, val, cfg, extra={"prior_refit": {

@@ -202,6 +202,11 @@ class TrainConfig:
             Paper: 0 (plain Eq. 4).
         beta_warmup_steps: beta rises linearly from 0 to ``ModelConfig.beta`` over
             these steps (paper: 0, constant beta).
+        posterior_noise_warmup_steps: K; the noise of the posterior sample of Eq. 4's
+            estimate rises linearly from 0 over these steps, z = mu_q + a_t sigma_q eps with
+            a_t = min(1, t / K) at step t (0-based), so the decoder first learns from the
+            posterior's means, then from full samples (not in the paper; models without a
+            posterior net train as without it). Paper: 0 (a full sample from the first step).
         num_workers: DataLoader worker processes.
         log_every: write a ``metrics.jsonl`` training line every this many steps.
         val_every: validate (GED and sample diversity) every this many steps; 0 never
@@ -250,6 +255,7 @@ class TrainConfig:
     augment_on: str = "loader"
     kl_free_bits: float = 0.0
     beta_warmup_steps: int = 0
+    posterior_noise_warmup_steps: int = 0
     num_workers: int = 4
     log_every: int = 10
     val_every: int = 2000

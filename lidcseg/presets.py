@@ -54,13 +54,18 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     #   mirroring: the paper lists none) and without weight decay (as cpu-quick). Measured on
     #   seeds 0-2 (issue #13): flips are learned one at a time after seed-dependent waits that
     #   are neither posterior collapse nor segmentation; a batch of 16 instead of 8 left fewer
-    #   flips unlearned (1 of 15 over seeds 0-2 on one machine, against 2). With all five
-    #   encoded, each flip's sampled frequency was still off by up to 0.16: Eq. 4 never fits the
-    #   prior's mass on each side of the decoder's boundaries. The prior refit after training
-    #   (lidcseg.training.prior_refit; not in the paper) fits exactly that, and keeps its start
-    #   when validation does not improve. beta 0.1-4, f_comb 64, N = 5 or 12, weight decay
-    #   1e-5 and 8000 steps did not help (README, "Calibration"). Per-seed results differ
-    #   between machines: compare means over seeds. Paper-like otherwise: beta 1, no free bits.
+    #   flips unlearned. The waits are the posterior sample's noise: while the posterior's means
+    #   for the two sides of a flip differ by a fraction of sigma_q, the noise hides them from
+    #   the decoder, so neither learns the flip; the noise warm-up (posterior_noise_warmup_steps,
+    #   a_t from 0 to 1 over the first 2000 steps; not in the paper) shows the decoder the means
+    #   first (seed 0: every flip encoded by step 3000, where Eq. 4's full sample left person
+    #   half learned at 6000). With all five encoded, each flip's sampled frequency was still
+    #   off by up to 0.16: Eq. 4 never fits the prior's mass on each side of the decoder's
+    #   boundaries. The prior refit after training (lidcseg.training.prior_refit; not in the
+    #   paper) fits exactly that, and keeps its start when validation does not improve.
+    #   beta 0.1-4, f_comb 64, N = 5 or 12, weight decay 1e-5 and 8000 steps did not help
+    #   (benchmarks/flip_calibration_history.md). Per-seed results differ between machines:
+    #   compare means over seeds. Paper-like otherwise: beta 1, no free bits.
     "cityscapes": (
         ModelConfig(in_channels=3, num_classes=24, num_scales=6),
         TrainConfig(steps=240_000, batch_size=16, lr_final=1e-5, lr_decay_steps=3, val_every=2000,
@@ -73,7 +78,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
             steps=6000, batch_size=16, lr=1e-3, lr_final=1e-4, lr_decay_steps=2, weight_decay=0.0,
             augment=False, num_workers=0, log_every=20, val_every=500, val_samples=16,
             val_max_crops=32, val_batch_size=8, checkpoint_every=500, threads=1,
-            prior_refit_steps=300,
+            posterior_noise_warmup_steps=2000, prior_refit_steps=300,
         ),
     ),
 }

@@ -24,6 +24,10 @@ def test_scenes_quick_trains_on_the_stored_scenes_without_weight_decay() -> None
     assert (train.steps, train.batch_size, train.threads) == (6000, 16, 1)
     assert (train.lr, train.lr_final, train.lr_decay_steps) == (1e-3, 1e-4, 2)
     assert (train.prior_refit_steps, train.prior_refit_samples, train.prior_refit_val_every) == (300, 256, 50)
+    # The posterior sample's noise rises from 0 over the first third (issue #13: with Eq. 4's full
+    # sample from step 0, seed 0 left its person flip half learned at step 6000; with the warm-up
+    # every flip of seed 0 was encoded by step 3000).
+    assert train.posterior_noise_warmup_steps == 2000
 
 
 def test_paper_presets_stay_literal() -> None:
@@ -33,6 +37,7 @@ def test_paper_presets_stay_literal() -> None:
         assert train.augment is True and train.weight_decay == TrainConfig().weight_decay == 1e-5
         assert train.prior_refit_steps == 0  # the refit is not the paper's
         assert train.kl_free_bits == 0.0 and train.beta_warmup_steps == 0
+        assert train.posterior_noise_warmup_steps == 0  # Eq. 4's full sample from the first step
 
 
 def test_scenes_quick_two_steps(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from lidcseg.training import (
     iter_metrics,
     lr_at,
     lr_schedule,
+    noise_scale_at,
     objective,
     train,
 )
@@ -397,3 +398,36 @@ def test_device_augmentation_trains_reproducibly(disc_data: Path, tmp_path: Path
     assert rows != _train_rows(c)  # other tiles than the loader path's draws
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_posterior_noise_warm_up_reaches_the_loss_at_every_step(
+    disc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a_t = min(1, t / K) (0-based t) is what the Prob. U-Net's loss gets; with K = 0 (the paper)
+    the loss is called as before, without a scale; a model without a posterior net ignores it."""
+    from lidcseg.models import ProbUNet
+
+    assert noise_scale_at(0, TrainConfig()) is None
+    warm = TrainConfig(posterior_noise_warmup_steps=4)
+    assert [noise_scale_at(s, warm) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    seen: list[float | None] = []
+    original = ProbUNet.loss
+
+    def spy(self: ProbUNet, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        scale = kwargs.get("noise_scale")
+        seen.append(None if scale is None else float(scale))  # type: ignore[arg-type]
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ProbUNet, "loss", spy)
+    common = ["steps=3", "val_every=0", "checkpoint_every=3"]
+    model, cfg = apply_overrides(TINY_MODEL, TINY_TRAIN, [*common, "posterior_noise_warmup_steps=2"])
+    train(disc_data, model, cfg, tmp_path / "warm")
+    assert seen == [0.0, 0.5, 1.0]
+    seen.clear()
+    model, cfg = apply_overrides(TINY_MODEL, TINY_TRAIN, common)
+    train(disc_data, model, cfg, tmp_path / "paper")
+    assert seen == [None, None, None]
+    model, cfg = apply_overrides(TINY_MODEL, TINY_TRAIN, [*common, "posterior_noise_warmup_steps=2",
+                                                         "model.name=dropout-unet"])
+    rows = list(iter_metrics(train(disc_data, model, cfg, tmp_path / "dropout"), "train"))
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)

@@ -170,6 +170,8 @@ class ProbUNet(SegmentationModel):
     runs once per image). ``benchmarks/sample.py`` measures both.
     """
 
+    scales_posterior_noise = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -249,6 +251,7 @@ class ProbUNet(SegmentationModel):
         y: torch.Tensor,
         ignore: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise_scale: float | torch.Tensor = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The terms of the ELBO of Eq. 4 with one reparameterised posterior sample.
 
@@ -262,6 +265,10 @@ class ProbUNet(SegmentationModel):
             y: (B, H, W) int64 labels (one grader's mask).
             ignore: (B, H, W) bool, pixels excluded from the cross-entropy.
             generator: RNG of the posterior sample (None: torch's global RNG).
+            noise_scale: a in z = mu_q + a * sigma_q * eps (Eq. 4's sample: 1; 0 decodes
+                the posterior mean). The KL is always that of Q itself. The trainer's
+                ``posterior_noise_warmup_steps`` raises it from 0 to 1
+                (:func:`lidcseg.training.schedule.noise_scale_at`).
 
         Returns:
             ``rec``, ``kl`` (scalars) and ``kl_per_dim`` (N,); see
@@ -271,7 +278,7 @@ class ProbUNet(SegmentationModel):
         mu_p, logsigma_p = self.prior(x)  # (B, N) each
         mu_q, logsigma_q = self.posterior_params(x, y, ignore)
         eps = standard_normal(tuple(mu_q.shape), generator, x.device, mu_q.dtype)
-        z = mu_q + logsigma_q.exp() * eps  # (B, N), reparameterised
+        z = mu_q + noise_scale * logsigma_q.exp() * eps  # (B, N), reparameterised
         logits = self._logits(x, z)  # (B, C, H, W)
         return elbo_terms(logits, y, mu_q, logsigma_q, mu_p, logsigma_p, ignore)
 

@@ -108,6 +108,9 @@ class SegmentationModel(nn.Module, abc.ABC):
     #: evaluation at several counts calls it once per count (n members each) instead
     #: of taking the first n of one draw (the U-Net ensemble).
     samples_per_count: bool = False
+    #: Whether ``loss`` takes ``noise_scale``, the scale of its posterior sample's noise
+    #: (``TrainConfig.posterior_noise_warmup_steps``): models with a posterior net.
+    scales_posterior_noise: bool = False
 
     @property
     def max_samples(self) -> int | None:

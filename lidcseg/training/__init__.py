@@ -52,7 +52,7 @@ objective as ``loss`` and ``rec + beta * KL`` at the model's beta as ``elbo``.
 
 from lidcseg.training.loop import Callback, TrainEvent, train
 from lidcseg.training.run_state import RESUMABLE_CHANGES, iter_metrics, load_run_config
-from lidcseg.training.schedule import beta_at, elbo, lr_at, lr_schedule, objective
+from lidcseg.training.schedule import beta_at, elbo, lr_at, lr_schedule, noise_scale_at, objective
 from lidcseg.training.validation import validate_flip_task
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "load_run_config",
     "lr_at",
     "lr_schedule",
+    "noise_scale_at",
     "objective",
     "train",
     "validate_flip_task",

@@ -54,7 +54,7 @@ from lidcseg.training.run_state import (
     save_state,
     truncate_metrics,
 )
-from lidcseg.training.schedule import beta_at, lr_at, objective
+from lidcseg.training.schedule import beta_at, lr_at, noise_scale_at, objective
 from lidcseg.training.stats import MAX_UNCHECKED_STEPS, StatsWindow, defer_sync, step_vector
 from lidcseg.training.validation import load_val, validate
 
@@ -291,13 +291,18 @@ def _train(
     t_start = time.perf_counter()
 
     model.train()
+    noise_scale = torch.zeros((), device=device)  # a_t of the posterior noise warm-up, if any
     for step, batch in zip(range(start, cfg.steps), loader, strict=False):
         lr, beta = lr_at(step, cfg), beta_at(step, model_cfg.beta, cfg)
+        noise = noise_scale_at(step, cfg) if model.scales_posterior_noise else None
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, ignore = batch_to_device(batch, device, cfg.channels_last, device_aug)
         with autocast:
-            terms = forward(x, y, ignore)
+            # The noise scale as a device tensor, filled in place: torch.compile would specialise
+            # on every value of a float, and a new CUDA tensor from the host may wait for the GPU.
+            terms = forward(x, y, ignore) if noise is None else \
+                forward(x, y, ignore, noise_scale.fill_(noise))
         loss = objective(terms, beta, model_cfg, cfg)  # outside autocast: float32 arithmetic
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -431,6 +436,9 @@ class _LossForward(nn.Module):
         self.model = model
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None
+        self, x: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None = None,
+        noise_scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        return self.model.loss(x, y, ignore)
+        if noise_scale is None:
+            return self.model.loss(x, y, ignore)
+        return self.model.loss(x, y, ignore, noise_scale=noise_scale)

@@ -1,4 +1,4 @@
-"""The schedules of a run and the objective it minimises: learning rate, beta, Eq. 4.
+"""The schedules of a run and the objective it minimises: learning rate, beta, posterior noise, Eq. 4.
 
 The trainer owns beta: a model's ``loss`` returns the terms only (``rec``, and
 ``kl`` for latent models, see :mod:`lidcseg.losses`), and :func:`objective`
@@ -44,6 +44,18 @@ def beta_at(step: int, beta: float, cfg: TrainConfig) -> float:
     if cfg.beta_warmup_steps <= 0:
         return beta
     return beta * min(1.0, (step + 1) / cfg.beta_warmup_steps)
+
+
+def noise_scale_at(step: int, cfg: TrainConfig) -> float | None:
+    """Scale a_t of the posterior sample's noise at step ``step`` (0-based):
+    ``min(1, step / posterior_noise_warmup_steps)``, so z = mu_q + a_t sigma_q eps.
+
+    None when there is no warm-up (the paper's full sample from the first step): the
+    model's ``loss`` then runs exactly as without the option.
+    """
+    if cfg.posterior_noise_warmup_steps <= 0:
+        return None
+    return min(1.0, step / cfg.posterior_noise_warmup_steps)
 
 
 def elbo(terms: Mapping[str, torch.Tensor], beta: float) -> torch.Tensor:

@@ -178,3 +178,28 @@ def test_sampling_uses_the_prior_spread(model: ProbUNet) -> None:
         hyp.z[0].mean(0), mu[0], atol=4 * logsigma.exp().max().item() / math.sqrt(400)
     )
     assert torch.allclose(std, logsigma.exp()[0], rtol=0.2)
+
+
+def test_noise_scale_scales_the_posterior_samples_noise(model: ProbUNet) -> None:
+    """z = mu_q + a sigma_q eps: a = 0 decodes the posterior mean whatever the noise, a = 1 is
+    Eq. 4's sample (the default, bit for bit), and the KL is Q's own at every a."""
+    from lidcseg.losses import pixel_cross_entropy
+
+    x = images()
+    y = (torch.rand(3, 32, 24, generator=torch.Generator().manual_seed(2)) > 0.7).long()
+
+    def loss(seed: int, **kw: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return model.loss(x, y, generator=torch.Generator().manual_seed(seed), **kw)
+
+    mean_a, mean_b = loss(1, noise_scale=0.0), loss(2, noise_scale=0.0)
+    assert torch.equal(mean_a["rec"], mean_b["rec"])
+    with torch.no_grad():
+        mu_q, _ = model.posterior_params(x, y)
+        expected = pixel_cross_entropy(model.fcomb(model.unet(x), mu_q[:, None])[:, 0], y).mean()
+    torch.testing.assert_close(mean_a["rec"], expected, rtol=1e-5, atol=1e-4)
+    full, default, half = loss(1, noise_scale=1.0), loss(1), loss(1, noise_scale=0.5)
+    assert torch.equal(full["rec"], default["rec"])
+    assert len({float(mean_a["rec"]), float(half["rec"]), float(full["rec"])}) == 3
+    for terms in (mean_a, half, full):
+        assert torch.equal(terms["kl"], default["kl"])

@@ -291,17 +291,18 @@ def _train(
     t_start = time.perf_counter()
 
     model.train()
-    noise_scale = torch.zeros((), device=device)  # a_t of the posterior noise warm-up, if any
+    # a_t of the posterior noise warm-up (None: without one, or a model without a posterior net)
+    noise_scale = torch.zeros((), device=device) if model.scales_posterior_noise else None
     for step, batch in zip(range(start, cfg.steps), loader, strict=False):
         lr, beta = lr_at(step, cfg), beta_at(step, model_cfg.beta, cfg)
-        noise = noise_scale_at(step, cfg) if model.scales_posterior_noise else None
+        noise = noise_scale_at(step, cfg) if noise_scale is not None else None
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, ignore = batch_to_device(batch, device, cfg.channels_last, device_aug)
         with autocast:
             # The noise scale as a device tensor, filled in place: torch.compile would specialise
             # on every value of a float, and a new CUDA tensor from the host may wait for the GPU.
-            terms = forward(x, y, ignore) if noise is None else \
+            terms = forward(x, y, ignore) if noise is None or noise_scale is None else \
                 forward(x, y, ignore, noise_scale.fill_(noise))
         loss = objective(terms, beta, model_cfg, cfg)  # outside autocast: float32 arithmetic
         optimizer.zero_grad(set_to_none=True)

@@ -36,9 +36,9 @@ demo: venv
 	$(DEMO)/reproduce/plan.json; hypotheses of $(DEMO_SCAN) in its own geometry in $(DEMO)/sample"
 
 # The class-flip calibration experiment (Section 4.2) on synthetic scenes: a Prob. U-Net and a
-# Dropout U-Net baseline trained side by side with cpu-quick (6000 steps of 16 scenes, then a
-# prior refit of about 2 minutes for the Prob. U-Net: 9 to 18 minutes on 2 cores), then
-# `lidcseg calibration --oracle`: report in demo/flip/report.
+# Dropout U-Net baseline trained side by side with cpu-quick (6000 steps of 16 scenes with the
+# posterior noise warm-up, then a prior refit for the Prob. U-Net: about 9 minutes on a fast 2-core
+# machine, 30 on a slow one), then `lidcseg calibration --oracle`: report in demo/flip/report.
 flip-demo: venv
 	$(PY) benchmarks/flip_calibration.py --work $(DEMO)/flip --out $(DEMO)/flip/flip_calibration.json
 

@@ -107,7 +107,8 @@ def train(
             elif e.kind == "refit" and e.step == 1:
                 console.print(f"refitting the prior net to the labels' mode frequencies ({e.steps} steps)")
             elif e.kind == "checkpoint" and e.path is not None and e.path.name == "refit":
-                calib = f", mode r {e.metrics['mode_r']:.3f}" if "mode_r" in e.metrics else ""
+                calib = (f", mode r {e.metrics['mode_r']:.3f}, mode MAE {e.metrics['mode_mae']:.4f}"
+                         if "mode_r" in e.metrics else "")
                 console.print(f"prior refit: GED@{train_cfg.val_samples} {e.metrics['ged']:.4f}{calib} "
                               f"(the prior of refit step {e.metrics['kept_step']:.0f}) into {e.path}")
 

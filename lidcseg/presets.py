@@ -62,7 +62,9 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     #   half learned at 6000). With all five encoded, each flip's sampled frequency was still
     #   off by up to 0.16: Eq. 4 never fits the prior's mass on each side of the decoder's
     #   boundaries. The prior refit after training (lidcseg.training.prior_refit; not in the
-    #   paper) fits exactly that, and keeps its start when validation does not improve.
+    #   paper) fits exactly that, by Pearson's chi^2 between sampled and label frequencies (a
+    #   plain sum of squares left rare modes, e.g. seed 1's road flip, at half their frequency),
+    #   and keeps its start when validation does not improve.
     #   beta 0.1-4, f_comb 64, N = 5 or 12, weight decay 1e-5 and 8000 steps did not help
     #   (benchmarks/flip_calibration_history.md). Per-seed results differ between machines:
     #   compare means over seeds. Paper-like otherwise: beta 1, no free bits.

@@ -18,6 +18,7 @@ from lidcseg.training.prior_refit import (
     mass_error_weights,
     prior_refit_loss,
     quasi_normal,
+    refit_is_current,
     refit_prior,
 )
 
@@ -57,24 +58,24 @@ def test_a_draw_counts_for_a_candidate_only_when_clearly_it() -> None:
 
 
 def test_mass_error_weights_by_hand() -> None:
-    """P^_g = share of all draws that are candidate g; W_k = sum_g a_kg (P^_g - pi_g): draws of an
-    over-sampled candidate get positive weight (their density is pushed down), of an under-sampled
-    one negative, of none zero (they count for no candidate)."""
+    """P^_g = share of all draws that are candidate g; W_k = sum_g a_kg (P^_g - pi_g) / pi_g: draws of
+    an over-sampled candidate get positive weight (their density is pushed down), of an under-sampled
+    one negative, of none zero (they count for no candidate); errors count relative to pi_g."""
     shares = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])  # A, A, none, B
     weights, mass = mass_error_weights(shares, torch.tensor([[0.25, 0.75]]))
     assert mass.tolist() == [[0.5, 0.25]]
-    assert weights.tolist() == [[0.25, 0.25, 0.0, -0.5]]
+    assert weights[0].tolist() == pytest.approx([1.0, 1.0, 0.0, -2 / 3])  # (0.5-0.25)/0.25, (0.25-0.75)/0.75
 
 
 def test_estimator_follows_the_exact_gradient_of_the_mass_error() -> None:
     """One latent dimension cut at 0.5 into R_0 = {z < 0.5} and R_1: P(R_1) = 1 - Phi((0.5 - mu) / sigma).
     The surrogate's gradient (times 2) with many quasi-random draws matches the exact gradient of
-    (P_0 - pi_0)^2 + (P_1 - pi_1)^2 in mu and log sigma."""
+    chi^2 = (P_0 - pi_0)^2 / pi_0 + (P_1 - pi_1)^2 / pi_1 in mu and log sigma."""
     mu0, ls0, pi = 0.3, math.log(1.5), torch.tensor([[0.2, 0.8]])
 
     def exact(mu: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
         p0 = torch.special.ndtr((0.5 - mu) / ls.exp())
-        return (p0 - pi[0, 0]) ** 2 + (1 - p0 - pi[0, 1]) ** 2
+        return (p0 - pi[0, 0]) ** 2 / pi[0, 0] + (1 - p0 - pi[0, 1]) ** 2 / pi[0, 1]
 
     mu, ls = torch.tensor(mu0, dtype=torch.float64, requires_grad=True), torch.tensor(ls0, dtype=torch.float64,
                                                                                          requires_grad=True)
@@ -174,8 +175,9 @@ def test_train_writes_refit_that_runs_are_read_from(tmp_path: Path) -> None:
     assert info["source"] == "best" and info["source_step"] == best.meta["step"] == 2
     assert [r["step"] for r in info["trace"]] == [1, 2, 3] and "ged" in refit.meta["val"]
     assert [v["step"] for v in info["val"]] == [0, 2, 3]  # val_every 2: the start, step 2, the end
-    kept = min(info["val"], key=lambda v: v["ged"])
-    assert info["kept_step"] == kept["step"] and refit.meta["val"]["ged"] == kept["ged"]
+    kept = min(info["val"], key=lambda v: v["mode_mae"])  # the flip task keeps the lowest mode MAE
+    assert info["settings"]["criterion"] == "mode_mae"
+    assert info["kept_step"] == kept["step"] and refit.meta["val"]["mode_mae"] == kept["mode_mae"]
     rw, bw = refit.model.state_dict(), best.model.state_dict()
     assert all(torch.equal(rw[k], bw[k]) for k in bw if not k.startswith("prior."))
     assert any(not torch.equal(rw[k], bw[k]) for k in bw if k.startswith("prior.")) == (info["kept_step"] > 0)
@@ -187,6 +189,12 @@ def test_train_writes_refit_that_runs_are_read_from(tmp_path: Path) -> None:
     train(data, model_cfg, other, run, resume=True)
     meta = json.loads((run / "refit" / "config.json").read_text())["meta"]
     assert meta["prior_refit"]["settings"]["lr"] == 1e-3
+    assert meta["prior_refit"]["settings"]["objective"] == "chi2"
+    assert refit_is_current(run, meta["prior_refit"]["source_step"], other, "mode_mae")
+    old = json.loads((run / "refit" / "config.json").read_text())  # a refit of the plain sum of squares
+    del old["meta"]["prior_refit"]["settings"]["objective"]
+    (run / "refit" / "config.json").write_text(json.dumps(old))
+    assert not refit_is_current(run, meta["prior_refit"]["source_step"], other, "mode_mae")  # redone
     _, longer = _quick(steps=4, prior_refit_steps=0)  # training further: the old refit is stale
     train(data, model_cfg, longer, run, resume=True)
     assert not (run / "refit").exists() and resolve_checkpoint(run)[0] == run / "best"
@@ -218,4 +226,6 @@ def test_lidc_runs_refit_on_the_graders_masks(disc_data: Path, tmp_path: Path) -
     assert resolve_checkpoint(run)[0] == run / "refit"
     info = load_checkpoint(run / "refit").meta["prior_refit"]
     assert [v["step"] for v in info["val"]] == [0, 1, 2] and all("ged" in v for v in info["val"])
+    kept = min(info["val"], key=lambda v: v["ged"])  # no modes on LIDC: the lowest GED is kept
+    assert info["settings"]["criterion"] == "ged" and info["kept_step"] == kept["step"]
     assert all(r["mass_error"] >= 0 for r in info["trace"])

@@ -36,6 +36,7 @@ from lidcseg.training.prior_refit import (
     REFIT_DIR,
     candidate_batches,
     has_prior_net,
+    refit_criterion,
     run_prior_refit,
 )
 from lidcseg.training.run_state import (
@@ -353,7 +354,8 @@ def _train(
 
         batches = candidate_batches(eval_split(train_path, cfg, scenes), scenes, cfg, device)
         run_prior_refit(model_cfg, cfg, out_dir, device, batches=batches, callback=on_refit,
-                        validate=lambda m: validate(m, val_batches, cfg, device, autocast, scenes))
+                        validate=lambda m: validate(m, val_batches, cfg, device, autocast, scenes),
+                        criterion=refit_criterion(scenes))
     dist.barrier()
     notify(TrainEvent("done", cfg.steps, cfg.steps, {}, out_dir))
     return out_dir

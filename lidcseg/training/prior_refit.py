@@ -326,14 +326,14 @@ def refit_criterion(scenes: bool) -> str:
     return "mode_mae" if scenes else "ged"
 
 
-def refit_settings(cfg: TrainConfig, criterion: str = "ged") -> dict[str, Any]:
+def refit_settings(cfg: TrainConfig, criterion: str) -> dict[str, Any]:
     """The settings that make a ``refit/`` checkpoint (``refit/config.json`` records them)."""
     return {"objective": REFIT_OBJECTIVE, "criterion": criterion, "steps": cfg.prior_refit_steps,
             "samples": cfg.prior_refit_samples, "batch_size": cfg.prior_refit_batch_size,
             "lr": cfg.prior_refit_lr, "val_every": cfg.prior_refit_val_every, "seed": cfg.seed}
 
 
-def refit_is_current(out_dir: Path, source_step: int, cfg: TrainConfig, criterion: str = "ged") -> bool:
+def refit_is_current(out_dir: Path, source_step: int, cfg: TrainConfig, criterion: str) -> bool:
     """Whether ``out_dir/refit`` is the refit of the source checkpoint at ``source_step`` with
     ``cfg``'s settings and ``criterion`` (a resumed run then has nothing left to do)."""
     from lidcseg.io.jsonfile import read_json_object
